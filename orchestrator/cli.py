@@ -1,0 +1,166 @@
+"""The `podd-sweep` command line.
+
+Errors a user can fix (bad data set name, missing folder, malformed files) print one line
+`error: ...` to stderr and exit with code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from podd_engine import data
+
+app = typer.Typer(
+    name="podd-sweep",
+    help="Sweeps of Poster Dataset Distillation (PoDD) on Ray Tune, recorded in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="List data sets, or fill the decoded-tensor cache.",
+                           invoke_without_command=True)
+app.add_typer(datasets_app, name="datasets")
+
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERROR_EXIT_CODE = 2
+
+DataRootOption = Annotated[Optional[Path], typer.Option(
+    "--data-root", help="Folder holding downloaded data sets [env PODD_DATA_ROOT, default ./data]")]
+CacheDirOption = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="Decoded-tensor cache [env PODD_CACHE_DIR, default ~/.cache/podd-sweep]")]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors the user can fix into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (data.DatasetError, ValueError, FileNotFoundError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[data.ProgressFn]:
+    """A rich progress bar driven by the engine's (stage, done, total) callbacks; it appears
+    only once there is progress to show (a cache hit draws nothing)."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=err_console)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            progress.stop()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"podd-sweep {version('podd-sweep')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback,
+                                          is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Sweeps of Poster Dataset Distillation (PoDD) on Ray Tune, recorded in MLflow."""
+
+
+def _dataset_status(entry: data.DatasetEntry, data_root: Path | None,
+                    cache_dir: Path | None) -> dict:
+    row = {"name": entry.name + (":PATH" if entry.takes_path else ""),
+           "description": entry.description, "location": "", "status": "", "cache": ""}
+    if entry.takes_path:
+        row["location"] = "PATH"
+        row["status"] = "give a folder"
+        return row
+    folder = data.dataset_folder(entry.name, data_root)
+    row["location"] = str(folder)
+    if not folder.exists():
+        row["status"] = "downloads on first use" if entry.download else "missing"
+        return row
+    cache = data.dataset_cache_path(entry.name, data_root=data_root, cache_dir=cache_dir)
+    row["cache"] = str(cache)
+    row["status"] = "cached" if cache.exists() else "files present"
+    return row
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_list(
+    ctx: typer.Context,
+    data_root: DataRootOption = None,
+    cache_dir: CacheDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List every registered data set, where its files are expected and whether it is cached."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with user_errors():
+        rows = [_dataset_status(e, data_root, cache_dir) for e in data.list_datasets()]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="podd-sweep data sets")
+    for column in ("name", "description", "location", "status"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["description"], row["location"], row["status"])
+    console.print(table)
+    cache_root = cache_dir or data.default_cache_dir()
+    console.print(f"Decoded tensors are cached under {Path(cache_root).absolute() / 'datasets'}.")
+    console.print("Example: podd-sweep datasets prepare parquet:../shared/datasets/cifar10-jpeg")
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: Annotated[str, typer.Argument(help="Registry name, e.g. cifar10 or parquet:PATH.")],
+    data_root: DataRootOption = None,
+    cache_dir: CacheDirOption = None,
+    download: Annotated[bool, typer.Option(help="Download the data set if it is missing.")] = True,
+    zca: Annotated[bool, typer.Option(help="Also fit and cache the ZCA whitening.")] = True,
+) -> None:
+    """Decode a data set into the tensor cache (and fit its ZCA), with a progress bar."""
+    from podd_engine.preprocess import fit_preprocessing
+
+    with user_errors(), progress_bar() as progress:
+        start = time.perf_counter()
+        dataset = data.create_dataset(name, data_root=data_root, cache_dir=cache_dir,
+                                      download=download, progress=progress)
+        loaded = time.perf_counter()
+        if zca:
+            fit_preprocessing(dataset, "zca", cache_dir=cache_dir)
+    summary = dataset.summary()
+    summary["cache"] = str(data.dataset_cache_path(name, data_root=data_root, cache_dir=cache_dir))
+    summary["load_seconds"] = round(loaded - start, 3)
+    if zca:
+        summary["zca_seconds"] = round(time.perf_counter() - loaded, 3)
+    console.print_json(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app()
