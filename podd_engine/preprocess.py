@@ -192,3 +192,49 @@ def _training_set_key(dataset: ImageDataset, extra: str) -> str:
     h.update(dataset.train_images.contiguous().numpy().tobytes())
     h.update(dataset.train_labels.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable augmentation (RaT-BPTT / PoDD "flip_rotate"): per call one operation is chosen
+# for the whole batch, with per-image random parameters: a horizontal flip with probability 0.5,
+# or a rotation by an angle uniform in +-15 degrees (bilinear, zero padding). Both are
+# differentiable in the images, so gradients flow back to the poster.
+# --------------------------------------------------------------------------------------------
+
+AUGMENTATIONS = ("flip_rotate", "none")
+ROTATION_DEGREES = 15.0
+
+
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random choices of one augmentation call, so it can be replayed exactly."""
+
+    op: str  # "flip", "rotate" or "none"
+    values: torch.Tensor  # flip: [B] bool; rotate: [B] angles in radians
+
+
+def draw_augmentation(batch: int, strategy: str, generator: torch.Generator | None = None
+                      ) -> AugmentationDraw:
+    if strategy == "none":
+        return AugmentationDraw("none", torch.empty(0))
+    if strategy != "flip_rotate":
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {strategy!r}")
+    if torch.rand((), generator=generator) < 0.5:
+        return AugmentationDraw("flip", torch.rand(batch, generator=generator) < 0.5)
+    angles = (torch.rand(batch, generator=generator) * 2 - 1) * (ROTATION_DEGREES * torch.pi / 180)
+    return AugmentationDraw("rotate", angles)
+
+
+def apply_augmentation(images: torch.Tensor, draw: AugmentationDraw) -> torch.Tensor:
+    if draw.op == "none":
+        return images
+    values = draw.values.to(images.device)
+    if draw.op == "flip":
+        return torch.where(values.view(-1, 1, 1, 1), images.flip(-1), images)
+    cos, sin = torch.cos(values), torch.sin(values)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(images.dtype), list(images.shape),
+                                           align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)

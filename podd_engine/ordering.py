@@ -1,0 +1,261 @@
+"""Class orderings: which class each cell of the poster's class grid holds.
+
+PoCO (Poster Class Ordering): embed the class names with a text encoder, then fill the grid
+greedily in anti-diagonal ("zigzag") order, each cell taking the remaining class whose summed
+cosine distance to its already placed 4-neighbours is smallest. Alternatives: `random` (seeded),
+`identity` (data-set order, row by row) and `given` (an explicit grid).
+
+An ordering is a LongTensor [rows, cols] of class indices.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+ORDERINGS = ("poco", "random", "identity", "given")
+
+
+class OrderingError(ValueError):
+    """A class ordering cannot be built; the message says why and how to fix it."""
+
+
+class TextEmbedder(Protocol):
+    name: str
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:  # [n, d]
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy zigzag placement
+# --------------------------------------------------------------------------------------------
+
+def zigzag_cells(cols: int, rows: int) -> list[tuple[int, int]]:
+    """(row, col) cells in anti-diagonal order, each diagonal from bottom-left to top-right:
+    (0,0), (1,0), (0,1), (2,0), (1,1), (0,2), ..."""
+    cells = []
+    for diagonal in range(rows + cols - 1):
+        for row in range(min(diagonal, rows - 1), -1, -1):
+            col = diagonal - row
+            if col < cols:
+                cells.append((row, col))
+    return cells
+
+
+def cosine_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """[n, d] -> [n, n] with 1 - cosine similarity, zero diagonal."""
+    e = embeddings.to(torch.float64)
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    d = 1.0 - e @ e.T
+    d.fill_diagonal_(0.0)
+    return d
+
+
+def _neighbours(row: int, col: int) -> list[tuple[int, int]]:
+    return [(row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)]
+
+
+def poco_order(distances: torch.Tensor, class_grid: tuple[int, int]) -> torch.Tensor:
+    """Greedy PoCO placement given a class distance matrix; class 0 goes to the first cell."""
+    cols, rows = class_grid
+    n = distances.shape[0]
+    if cols * rows != n:
+        raise OrderingError(f"class_grid {cols}x{rows} has {cols * rows} cells for {n} classes")
+    grid = torch.full((rows, cols), -1, dtype=torch.long)
+    remaining = list(range(n))
+    for row, col in zigzag_cells(cols, rows):
+        placed = [int(grid[r, c]) for r, c in _neighbours(row, col)
+                  if 0 <= r < rows and 0 <= c < cols and grid[r, c] >= 0]
+        if not placed:
+            choice = remaining[0]
+        else:  # ties go to the earliest remaining class (stable, as min() keeps the first)
+            choice = min(remaining, key=lambda k: float(distances[k, placed].sum()))
+        grid[row, col] = choice
+        remaining.remove(choice)
+    return grid
+
+
+def ordering_score(order: torch.Tensor, distances: torch.Tensor) -> float:
+    """Sum of distances over all horizontally and vertically adjacent cell pairs (lower is
+    better: semantically close classes sit side by side)."""
+    horizontal = distances[order[:, :-1], order[:, 1:]].sum()
+    vertical = distances[order[:-1, :], order[1:, :]].sum()
+    return float(horizontal + vertical)
+
+
+def identity_order(class_grid: tuple[int, int]) -> torch.Tensor:
+    cols, rows = class_grid
+    return torch.arange(cols * rows).view(rows, cols)
+
+
+def random_order(class_grid: tuple[int, int], seed: int) -> torch.Tensor:
+    cols, rows = class_grid
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(cols * rows, generator=generator).view(rows, cols)
+
+
+def given_order(grid: Sequence[Sequence[int]] | torch.Tensor,
+                class_grid: tuple[int, int]) -> torch.Tensor:
+    cols, rows = class_grid
+    order = torch.as_tensor(grid, dtype=torch.long)
+    if tuple(order.shape) != (rows, cols):
+        raise OrderingError(f"given class order has shape {tuple(order.shape)} but class_grid "
+                            f"{cols}x{rows} needs {rows} rows of {cols} class indices")
+    if sorted(order.flatten().tolist()) != list(range(cols * rows)):
+        raise OrderingError(f"given class order must use every class index 0..{cols * rows - 1} "
+                            f"exactly once")
+    return order
+
+
+# --------------------------------------------------------------------------------------------
+# Text embedders
+# --------------------------------------------------------------------------------------------
+
+class ClipWeightsError(OrderingError):
+    pass
+
+
+@dataclass
+class ClipTextEmbedder:
+    """open_clip text tower (default ViT-B-32 with OpenAI weights).
+
+    mode "tokens" follows the official PoDD code: the final-layer-normed hidden state of every
+    one of the 77 token positions, flattened (padding with the end-of-text token under a
+    key-padding mask, as Hugging Face's CLIPTextModel does). mode "pooled" is CLIP's usual
+    projected text embedding. Class names are embedded as written, '_' read as a space, with no
+    prompt template (as the official code).
+    """
+
+    model_name: str = "ViT-B-32"
+    pretrained: str = "openai"
+    weights: str | os.PathLike | None = None
+    mode: str = "tokens"
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+    @property
+    def name(self) -> str:
+        source = Path(self.weights).name if self.weights else self.pretrained
+        return f"clip:{self.model_name}:{source}:{self.mode}"
+
+    def _load(self):
+        import open_clip
+
+        if self.mode not in ("tokens", "pooled"):
+            raise OrderingError(f"clip embedding mode must be 'tokens' or 'pooled', got {self.mode!r}")
+        # OpenAI's CLIP weights were trained with QuickGELU; open_clip only switches it on for
+        # the 'openai' tag, so a local copy of those weights must ask for it explicitly.
+        quick_gelu = self.pretrained == "openai"
+        try:
+            if self.weights is not None:
+                if not Path(self.weights).is_file():
+                    raise FileNotFoundError(f"no file at {self.weights}")
+                model = open_clip.create_model(self.model_name, pretrained=str(self.weights),
+                                               device=self.device, force_quick_gelu=quick_gelu)
+            else:
+                model = open_clip.create_model(self.model_name, pretrained=self.pretrained,
+                                               device=self.device, cache_dir=self.cache_dir,
+                                               require_pretrained=True)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ClipWeightsError(
+                f"CLIP weights for {self.model_name}/{self.pretrained} are not available "
+                f"({reason}): run once with internet access so open_clip caches them, or pass "
+                f"--clip-weights PATH to an open_clip checkpoint of {self.model_name} (e.g. "
+                f"open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai), or "
+                f"choose --order random|identity") from exc
+        return model.eval(), open_clip.get_tokenizer(self.model_name)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        model, tokenizer = self._load()
+        tokens = tokenizer([t.replace("_", " ") for t in texts]).to(self.device)
+        if self.mode == "pooled":
+            return model.encode_text(tokens).float().cpu()
+        eot_id = int(getattr(tokenizer, "eot_token_id", tokens.max()))
+        return _clip_token_states(model, tokens, eot_id).flatten(1).float().cpu()
+
+
+def _clip_token_states(model, tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """[B, L, D] final-layer-normed hidden states of every token position."""
+    batch, length = tokens.shape
+    positions = torch.arange(length, device=tokens.device)
+    eot_position = (tokens == eot_id).int().argmax(dim=1, keepdim=True)
+    padding = positions[None, :] > eot_position  # after the end-of-text token
+    tokens = tokens.masked_fill(padding, eot_id)  # HF pads with the end-of-text token
+    causal = torch.full((length, length), float("-inf"), device=tokens.device).triu(1)
+    mask = causal[None].expand(batch, -1, -1).masked_fill(padding[:, None, :], float("-inf"))
+    mask = mask.masked_fill(torch.eye(length, dtype=torch.bool, device=tokens.device)[None],
+                            0.0)  # a padding query still attends to itself: no empty rows
+    heads = model.transformer.resblocks[0].attn.num_heads
+    x = model.token_embedding(tokens) + model.positional_embedding
+    x = model.transformer(x, attn_mask=mask.repeat_interleave(heads, dim=0))
+    return model.ln_final(x)
+
+
+@dataclass
+class PrecomputedEmbedder:
+    """Embeddings given directly (a notebook, a test, or a cache of a real encoder's output)."""
+
+    embeddings: torch.Tensor
+    name: str = "precomputed"
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        if len(texts) != len(self.embeddings):
+            raise OrderingError(f"{len(self.embeddings)} embeddings for {len(texts)} class names")
+        return self.embeddings
+
+
+# --------------------------------------------------------------------------------------------
+# One entry point
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassOrdering:
+    grid: torch.Tensor  # [rows, cols] class indices
+    method: str
+    embedder: str | None  # the embedder actually used (None when no embedding was needed)
+    score: float | None  # sum of neighbour distances, when distances are known
+
+    def summary(self) -> dict:
+        return {"order_method": self.method, "order_embedder": self.embedder,
+                "order_score": self.score, "class_order": self.grid.tolist()}
+
+
+def create_class_ordering(method: str, class_names: Sequence[str], class_grid: tuple[int, int],
+                          *, seed: int = 0, embedder: TextEmbedder | None = None,
+                          given: Sequence[Sequence[int]] | None = None) -> ClassOrdering:
+    """Build the class ordering `method` for a data set's class names on `class_grid`.
+
+    The neighbour-distance score is computed whenever an embedder is given, so orderings of
+    any method can be compared on the same scale.
+    """
+    cols, rows = class_grid
+    if cols * rows != len(class_names):
+        raise OrderingError(f"class_grid {cols}x{rows} has {cols * rows} cells but there are "
+                            f"{len(class_names)} classes")
+    distances = None
+    if method == "poco" or embedder is not None:
+        if embedder is None:
+            embedder = ClipTextEmbedder()
+        distances = cosine_distances(embedder.embed(list(class_names)))
+    if method == "poco":
+        grid = poco_order(distances, class_grid)
+    elif method == "random":
+        grid = random_order(class_grid, seed)
+    elif method == "identity":
+        grid = identity_order(class_grid)
+    elif method == "given":
+        if given is None:
+            raise OrderingError("order 'given' needs the grid of class indices (class_order_grid)")
+        grid = given_order(given, class_grid)
+    else:
+        raise OrderingError(f"unknown class order {method!r}: choose one of {', '.join(ORDERINGS)}")
+    score = ordering_score(grid, distances) if distances is not None else None
+    return ClassOrdering(grid, method, embedder.name if embedder is not None else None, score)
