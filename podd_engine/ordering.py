@@ -152,11 +152,13 @@ class ClipTextEmbedder:
         # OpenAI's CLIP weights were trained with QuickGELU; open_clip only switches it on for
         # the 'openai' tag, so a local copy of those weights must ask for it explicitly.
         quick_gelu = self.pretrained == "openai"
+        weights = self.weights or _cached_pretrained_file(self.model_name, self.pretrained,
+                                                          self.cache_dir)
         try:
-            if self.weights is not None:
-                if not Path(self.weights).is_file():
-                    raise FileNotFoundError(f"no file at {self.weights}")
-                model = open_clip.create_model(self.model_name, pretrained=str(self.weights),
+            if weights is not None:
+                if not Path(weights).is_file():
+                    raise FileNotFoundError(f"no file at {weights}")
+                model = open_clip.create_model(self.model_name, pretrained=str(weights),
                                                device=self.device, force_quick_gelu=quick_gelu)
             else:
                 model = open_clip.create_model(self.model_name, pretrained=self.pretrained,
@@ -180,6 +182,23 @@ class ClipTextEmbedder:
             return model.encode_text(tokens).float().cpu()
         eot_id = int(getattr(tokenizer, "eot_token_id", tokens.max()))
         return _clip_token_states(model, tokens, eot_id).flatten(1).float().cpu()
+
+
+def _cached_pretrained_file(model_name: str, pretrained: str, cache_dir: str | None) -> str | None:
+    """The weights file open_clip would download, if it is already in the local hub cache
+    (checked first so that an offline machine fails fast instead of retrying the network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("hf_hub", "")
+    repo = repo.strip("/")
+    if not repo:
+        return None
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def _clip_token_states(model, tokens: torch.Tensor, eot_id: int) -> torch.Tensor:

@@ -84,7 +84,8 @@ class PosterGeometry:
         if ph < h or pw < w:
             ipc = self.requested_ipc if self.requested_ipc is not None else self.achieved_ipc
             raise GeometryError(f"ipc {ipc:g} gives a {ph}x{pw} poster, smaller than one {h}x{w} "
-                                f"image: raise ipc or change class_grid")
+                                f"image: raise ipc to at least {self.minimum_ipc():.2f} or "
+                                f"change class_grid")
 
     @classmethod
     def for_ipc(cls, ipc: float, *, channels: int, image_size: tuple[int, int],
@@ -95,6 +96,13 @@ class PosterGeometry:
                    parse_grid(patch_grid, "patch_grid"),
                    poster_size_for_ipc(ipc, image_size, num_classes, class_grid),
                    requested_ipc=ipc)
+
+    def minimum_ipc(self) -> float:
+        """The smallest IPC whose poster (with this class grid's aspect) still holds one image."""
+        (h, w), (cols, rows) = self.image_size, self.class_grid
+        aspect = (cols * w) / (rows * h)
+        pixels = max(h * h * aspect, w * w / aspect)
+        return math.ceil(100 * pixels / (self.num_classes * h * w)) / 100
 
     @property
     def poster_pixels(self) -> int:

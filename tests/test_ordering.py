@@ -1,0 +1,124 @@
+"""Class orderings: PoCO's zigzag greedy placement, the CLIP text embedder, alternatives."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from podd_engine.ordering import (ClipTextEmbedder, ClipWeightsError, OrderingError,
+                                  PrecomputedEmbedder, cosine_distances, create_class_ordering,
+                                  ordering_score, poco_order, zigzag_cells)
+
+
+def test_zigzag_walks_anti_diagonals_from_bottom_left():
+    assert zigzag_cells(3, 3)[:6] == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]
+    assert zigzag_cells(5, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (0, 3),
+                                  (1, 3), (0, 4), (1, 4)]
+    assert sorted(zigzag_cells(4, 3)) == [(r, c) for r in range(3) for c in range(4)]
+
+
+def line_embeddings(n: int) -> torch.Tensor:
+    """Classes on a quarter circle: class i is close to i-1 and i+1 only."""
+    angles = torch.arange(n, dtype=torch.float64) * (torch.pi / 2) / (n - 1)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+
+
+def test_poco_on_a_1d_chain_recovers_the_chain():
+    distances = cosine_distances(line_embeddings(6))
+    order = poco_order(distances, (6, 1))
+    assert order.tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_poco_finds_the_best_2x2_layout_of_two_clusters():
+    # classes 0 and 2 are near-identical, as are 1 and 3; the clusters are far apart.
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.05], [0.05, 0.99]])
+    distances = cosine_distances(e)
+    order = poco_order(distances, (2, 2))
+    best = min(ordering_score(torch.tensor(p).view(2, 2), distances)
+               for p in itertools.permutations(range(4)) if p[0] == 0)
+    assert ordering_score(order, distances) == pytest.approx(best)
+    assert order[0, 0] == 0 and 2 in (order[1, 0], order[0, 1])  # the twin sits next to 0
+
+
+def test_poco_beats_random_orderings_on_structured_embeddings():
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16)
+    e = torch.cat([c + 0.1 * torch.randn(5, 16) for c in centres])  # 4 clusters of 5
+    names = [f"c{i}" for i in range(20)]
+    embedder = PrecomputedEmbedder(e)
+    poco = create_class_ordering("poco", names, (5, 4), embedder=embedder)
+    randoms = [create_class_ordering("random", names, (5, 4), seed=s, embedder=embedder).score
+               for s in range(20)]
+    assert poco.score < min(randoms)
+    assert poco.embedder == "precomputed" and poco.summary()["order_score"] == poco.score
+
+
+def test_random_identity_and_given_orderings():
+    names = [str(i) for i in range(6)]
+    a = create_class_ordering("random", names, (3, 2), seed=5)
+    assert torch.equal(a.grid, create_class_ordering("random", names, (3, 2), seed=5).grid)
+    assert sorted(a.grid.flatten().tolist()) == list(range(6)) and a.score is None
+    assert create_class_ordering("identity", names, (3, 2)).grid.tolist() == [[0, 1, 2], [3, 4, 5]]
+    given = create_class_ordering("given", names, (3, 2), given=[[5, 4, 3], [2, 1, 0]])
+    assert given.grid.tolist() == [[5, 4, 3], [2, 1, 0]]
+    with pytest.raises(OrderingError, match=r"exactly once"):
+        create_class_ordering("given", names, (3, 2), given=[[0, 0, 1], [2, 3, 4]])
+    with pytest.raises(OrderingError, match=r"needs 2 rows of 3"):
+        create_class_ordering("given", names, (3, 2), given=[[0, 1], [2, 3], [4, 5]])
+    with pytest.raises(OrderingError, match=r"unknown class order 'alphabetical'"):
+        create_class_ordering("alphabetical", names, (3, 2))
+    with pytest.raises(OrderingError, match=r"class_grid 4x2 has 8 cells"):
+        create_class_ordering("identity", names, (4, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A small open_clip model config plus a weights file written to disk: the same loading path
+    as real ViT-B-32 weights given with --clip-weights."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+                             "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                           "layers": 2}}
+    (folder / "podd-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model = open_clip.create_model("podd-tiny-clip")
+    torch.save(model.state_dict(), folder / "weights.pt")
+    return model, folder / "weights.pt"
+
+
+@pytest.mark.parametrize("mode,dim", [("tokens", 77 * 32), ("pooled", 16)])
+def test_clip_embedder_loads_local_weights(tiny_clip, mode, dim):
+    import open_clip
+
+    model, weights = tiny_clip
+    embedder = ClipTextEmbedder("podd-tiny-clip", pretrained="none", weights=weights, mode=mode)
+    names = ["aquarium_fish", "maple tree", "cat"]
+    e = embedder.embed(names)
+    assert e.shape == (3, dim) and torch.isfinite(e).all()
+    assert embedder.name == f"clip:podd-tiny-clip:weights.pt:{mode}"
+    if mode == "pooled":  # the same numbers as the model we saved
+        tokens = open_clip.get_tokenizer("podd-tiny-clip")(["aquarium fish", "maple tree", "cat"])
+        with torch.no_grad():
+            expected = model.eval().encode_text(tokens)
+        torch.testing.assert_close(e, expected)
+    else:  # up to end-of-text a causal pass cannot see the padding: it must match open_clip's
+        tokens = open_clip.get_tokenizer("podd-tiny-clip")(["cat"])
+        with torch.no_grad():
+            x = model.token_embedding(tokens) + model.positional_embedding
+            plain = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))[0]
+        ours = e[2].view(77, 32)
+        eot = int((tokens[0] == 49407).nonzero()[0])
+        torch.testing.assert_close(ours[:eot + 1], plain[:eot + 1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours[eot + 1:], plain[eot + 1:])  # HF-style padding differs
+
+
+def test_missing_clip_weights_say_how_to_provide_them(tmp_path):
+    embedder = ClipTextEmbedder(weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ClipWeightsError, match=r"--clip-weights PATH .* or choose --order"):
+        create_class_ordering("poco", [str(i) for i in range(4)], (2, 2), embedder=embedder)
