@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from podd_engine import data
@@ -159,6 +160,132 @@ def datasets_prepare(
     summary["load_seconds"] = round(loaded - start, 3)
     if zca:
         summary["zca_seconds"] = round(time.perf_counter() - loaded, 3)
+    console.print_json(json.dumps(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# distill / evaluate
+# --------------------------------------------------------------------------------------------
+
+def _parse_settings(pairs: list[str]) -> dict:
+    """--set key=value pairs (values read as YAML scalars: 3, 0.5, true, [1, 2], text)."""
+    import yaml
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r} is not KEY=VALUE: write e.g. --set window=10")
+        settings[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return settings
+
+
+@contextlib.contextmanager
+def step_progress(total: int, description: str) -> Iterator[Callable[..., None]]:
+    """A progress bar for outer steps showing the loss and seconds per step."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} s/step"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task(description, total=total, loss="-", rate="-")
+
+        def advance(completed: int, loss: float | None = None,
+                    seconds: float | None = None) -> None:
+            fields = {}
+            if loss is not None:
+                fields["loss"] = f"{loss:.4f}"
+            if seconds is not None:
+                fields["rate"] = f"{seconds:.2f}"
+            progress.update(task, completed=completed, **fields)
+
+        yield advance
+
+
+@app.command("distill")
+def distill_command(
+    dataset: Annotated[str, typer.Option(help="Data set: a registry name or parquet:PATH, ...")],
+    ipc: Annotated[float, typer.Option(help="Images per class of pixel budget (e.g. 0.5).")],
+    out: Annotated[Path, typer.Option(help="Folder for the poster artifact.")],
+    preset: Annotated[Optional[str], typer.Option(help="paper | cpu-small")] = None,
+    method: Annotated[Optional[str], typer.Option(help="podd | rat-bptt | random-real")] = None,
+    class_grid: Annotated[Optional[str], typer.Option(help="Class grid COLSxROWS, e.g. 5x2.")] = None,
+    patch_grid: Annotated[Optional[str], typer.Option(help="Patch grid COLSxROWS, e.g. 16x6.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="fixed | learned")] = None,
+    order: Annotated[Optional[str], typer.Option(help="poco | random | identity")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="PoCO text encoder: clip | minilm")] = None,
+    clip_weights: Annotated[Optional[Path], typer.Option(help="Local open_clip weights file.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Outer (RaT-BPTT) steps.")] = None,
+    eval_models: Annotated[Optional[int], typer.Option(help="Networks in the evaluation.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    settings: Annotated[list[str], typer.Option("--set", help="Any other setting, KEY=VALUE.")] = [],
+    data_root: DataRootOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Distil a data set into one poster, evaluate it, and save the artifact (tensors, JSON, PNG)."""
+    from podd_engine.config import make_config
+    from podd_engine.pipeline import distill, save_result
+    from podd_engine.rat_bptt import NonFiniteError
+
+    with user_errors():
+        ds = data.create_dataset(dataset, data_root=data_root, cache_dir=cache_dir)
+        options = dict(
+            dataset=dataset, ipc=ipc, method=method, class_grid=class_grid,
+            patch_grid=patch_grid, labels=labels, order=order, embedder=embedder,
+            clip_weights=str(clip_weights) if clip_weights else None, steps=steps,
+            eval_models=eval_models, device=device, seed=seed,
+            data_root=str(data_root) if data_root else None,
+            cache_dir=str(cache_dir) if cache_dir else None)
+        extra = _parse_settings(settings)
+        for key in extra:
+            if options.get(key) is not None:
+                raise ValueError(f"{key} is given twice (as an option and with --set): keep one")
+        options = {k: v for k, v in options.items() if v is not None}
+        config = make_config(preset, num_classes=ds.num_classes, image_size=ds.image_size,
+                             **{**extra, **options})
+        total = config.steps if config.method != "random-real" else 0
+        try:
+            with step_progress(total, f"distil {config.method} {config.ipc:g} IPC") as advance:
+                result = distill(
+                    config, ds,
+                    on_step=lambda m, _: advance(m.step, m.loss, m.seconds),
+                    on_eval=lambda step, r: err_console.print(
+                        f"step {step}: test accuracy {100 * r.mean():.2f} +- "
+                        f"{100 * r.std():.2f} % over {len(r.accuracies)} models"))
+        except NonFiniteError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+        save_result(result, out)
+    summary = result.summary()
+    summary["artifact"] = str(out)
+    console.print_json(json.dumps(summary))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    artifact: Annotated[Path, typer.Argument(help="A poster artifact folder (distill --out).")],
+    models: Annotated[Optional[int], typer.Option(help="Networks to train (default: as recorded).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data_root: DataRootOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Re-run the evaluation protocol on a saved poster."""
+    from podd_engine.artifact import load_artifact
+    from podd_engine.pipeline import evaluate_artifact
+
+    with user_errors():
+        saved = load_artifact(artifact)
+        count = models or saved.config.eval_models
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console) as progress:
+            task = progress.add_task("train evaluation models", total=count)
+            result = evaluate_artifact(
+                saved, models=models, device=device,
+                data_root=str(data_root) if data_root else None,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                on_model=lambda i, acc: progress.update(task, completed=i + 1))
+    summary = result.summary()
+    summary["artifact"] = str(artifact)
     console.print_json(json.dumps(summary))
 
 

@@ -6,6 +6,7 @@ Default: width 128, instance norm (GroupNorm with one group per channel, affine)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,12 +16,10 @@ NORMS = ("instancenorm", "batchnorm", "none")
 
 
 def default_depth(image_size: tuple[int, int]) -> int:
-    """3 conv blocks for 32 px images (and smaller), 4 for 64 px, and so on."""
-    side = min(image_size)
-    depth = 3
-    while side > 32 * 2 ** (depth - 3):
-        depth += 1
-    return depth
+    """Pool down to about 4x4: 3 conv blocks for 32 px, 4 for 64 px (the paper's choice), 1 for
+    8 px. Deeper nets on small images would instance-normalise 2x2 or 1x1 maps, which carry
+    (almost) no information."""
+    return max(1, int(math.log2(min(image_size) / 4)))
 
 
 def _norm(kind: str, width: int) -> nn.Module:

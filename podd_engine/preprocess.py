@@ -162,7 +162,7 @@ def fit_preprocessing(
     if kind not in PREPROCESSING_KINDS:
         raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSING_KINDS)}, "
                          f"got {kind!r}")
-    key = _training_set_key(dataset, f"{kind}:{regularization if kind == 'zca' else ''}")
+    key = preprocessing_key(dataset, kind, regularization)
     path = Path(cache_dir or default_cache_dir()) / "preprocessing" / f"{kind}-{key}.pt"
     if path.exists():
         try:
@@ -185,9 +185,11 @@ def load_preprocessing(state: dict) -> Preprocessing:
     return kinds[state["kind"]].from_state_dict(state)
 
 
-def _training_set_key(dataset: ImageDataset, extra: str) -> str:
-    """Content hash of the training images and labels (a few hundred ms for CIFAR-10)."""
-    h = hashlib.sha256(extra.encode())
+def preprocessing_key(dataset: ImageDataset, kind: str,
+                      regularization: float = ZCA_REGULARIZATION) -> str:
+    """Identifies a fitted preprocessing: its kind and settings plus a content hash of the
+    training images and labels it was fitted on (a few hundred ms for CIFAR-10)."""
+    h = hashlib.sha256(f"{kind}:{regularization if kind == 'zca' else ''}".encode())
     h.update(str(tuple(dataset.train_images.shape)).encode())
     h.update(dataset.train_images.contiguous().numpy().tobytes())
     h.update(dataset.train_labels.contiguous().numpy().tobytes())

@@ -88,3 +88,39 @@ def test_bad_parquet_exit_code_2(tmp_path, classes_json, message):
     line = one_error_line(run("datasets", "prepare", f"parquet:{tmp_path / 'pq'}"))
     assert message in line
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+TINY = ["--set", "width=8", "--set", "total_inner_steps=4", "--set", "window=2",
+        "--set", "distill_batch=12", "--set", "real_batch=64", "--set", "eval_steps=[10]",
+        "--set", "patch_grid=8x3", "--order", "identity", "--device", "cpu"]
+
+
+def test_distill_then_evaluate_the_artifact(tmp_path):
+    out = tmp_path / "poster"
+    result = run("distill", "--dataset", "digits", "--ipc", "0.6", "--steps", "2",
+                 "--eval-models", "1", "--out", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["achieved_ipc"] <= 0.6
+    assert {p.name for p in out.iterdir()} == {"poster.pt", "poster.json", "poster.png"}
+    again = run("evaluate", str(out), "--models", "1", "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["test_accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ipc", "0.05"], "raise ipc to at least"),
+    (["--ipc", "0.5", "--labels", "soft"], "labels must be one of fixed, learned"),
+    (["--ipc", "0.5", "--set", "windw=3"], "unknown setting 'windw'"),
+    (["--ipc", "0.5", "--class-grid", "3x3"], "class_grid 3x3 has 9 cells"),
+])
+def test_distill_bad_input_exit_code_2(tmp_path, args, message):
+    line = one_error_line(run("distill", "--dataset", "digits", "--out", str(tmp_path / "p"),
+                              "--order", "identity", *args))
+    assert message in line
+    assert not (tmp_path / "p").exists()  # nothing half-written
+
+
+def test_evaluate_a_folder_that_is_not_an_artifact(tmp_path):
+    line = one_error_line(run("evaluate", str(tmp_path)))
+    assert "not a poster artifact" in line

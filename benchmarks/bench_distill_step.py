@@ -1,0 +1,122 @@
+"""Seconds per RaT-BPTT outer step and peak memory at the CIFAR-10 paper geometry.
+
+    python benchmarks/bench_distill_step.py --window 10 --total-inner-steps 40 \
+        --curriculum-start 27 --real-batch 500 --unroll recompute
+
+The poster geometry is the official CIFAR-10 one (5x2 classes, 16x6 patches, 96 patches per
+inner step, ConvNet width 128, 0.9 IPC by default). The curriculum start is fixed so that every
+measured step does the same work (c plain steps + window unrolled steps). Peak memory is the
+process's maximum RSS (ru_maxrss) and its growth during the measured steps; the glibc allocator
+settings in the environment (MALLOC_*) are recorded with the result. Also reported: the share of
+a step spent cutting patches and computing their labels (forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+
+import torch
+
+from podd_engine import make_config
+from podd_engine.models import reinitialize
+from podd_engine.pipeline import build_trial
+from podd_engine.rat_bptt import (AdamState, InnerBatch, InnerSchedule, SyntheticSet, draw_plan,
+                                  meta_gradient)
+from podd_engine.preprocess import draw_augmentation
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def extraction_seconds(synthetic: SyntheticSet, poster: torch.Tensor, labels: torch.Tensor,
+                       batch: int, repeats: int = 50) -> float:
+    """Forward + backward of patch extraction, augmentation and label lookup for one batch."""
+    generator = torch.Generator().manual_seed(0)
+    poster = poster.detach().requires_grad_(True)
+    labels = labels.detach().requires_grad_(labels.ndim == 2 and synthetic.labels.mode == "learned")
+    start = time.perf_counter()
+    for _ in range(repeats):
+        idx = torch.randperm(synthetic.geometry.num_patches, generator=generator)[:batch]
+        inner = InnerBatch(idx.sort().values, draw_augmentation(batch, "flip_rotate", generator))
+        images, targets = synthetic.batch(poster, labels, inner)
+        (images.sum() + targets.sum()).backward()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="parquet:../shared/datasets/cifar10-jpeg")
+    p.add_argument("--ipc", type=float, default=0.9)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--total-inner-steps", type=int, default=40)
+    p.add_argument("--curriculum-start", type=int, default=27)
+    p.add_argument("--real-batch", type=int, default=500)
+    p.add_argument("--real-chunk", type=int, default=500)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--labels", default="fixed")
+    p.add_argument("--unroll", default="recompute", choices=["recompute", "store"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=3, help="measured outer steps (after 1 warm-up)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    config = make_config("paper", dataset=args.dataset, num_classes=10, image_size=(32, 32),
+                         ipc=args.ipc, order="identity", labels=args.labels, width=args.width,
+                         window=args.window, total_inner_steps=args.total_inner_steps,
+                         real_batch=args.real_batch, real_chunk=args.real_chunk,
+                         unroll=args.unroll, precision=args.precision, device=args.device)
+    trial = build_trial(config)
+    model = trial.make_model()
+    synthetic = SyntheticSet(trial.geometry, trial.labels)
+    schedule = InnerSchedule(config.total_inner_steps, config.window, config.distill_batch,
+                             config.inner_lr)
+    generator = torch.Generator().manual_seed(0)
+    real_x = trial.train_images[: args.real_batch]
+    real_y = trial.dataset.train_labels[: args.real_batch].to(trial.device)
+    labels_learned = trial.labels.mode == "learned"
+
+    def one_step() -> float:
+        reinitialize(model, generator)
+        plan = draw_plan(trial.geometry.num_patches, len(real_x), schedule, generator,
+                         trial.device, curriculum_start=args.curriculum_start)
+        start = time.perf_counter()
+        meta_gradient(model, AdamState.fresh(model), synthetic, trial.poster, trial.labels.array,
+                      real_x, real_y, schedule, plan, unroll=args.unroll,
+                      real_chunk=args.real_chunk, precision=args.precision,
+                      learn_labels=labels_learned)
+        if trial.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    baseline = peak_rss_gib()
+    one_step()  # warm-up
+    times = [one_step() for _ in range(args.steps)]
+    peak = peak_rss_gib()
+    per_batch = extraction_seconds(synthetic, trial.poster, trial.labels.array,
+                                   config.distill_batch)
+    inner_batches = args.curriculum_start + 2 * args.window  # recompute replays the window
+    if args.unroll == "store":
+        inner_batches = args.curriculum_start + args.window
+    step = min(times)
+    print(json.dumps({
+        "settings": {k: v for k, v in vars(args).items()},
+        "seconds_per_outer_step": round(step, 3),
+        "seconds_per_outer_step_all": [round(t, 3) for t in times],
+        "peak_rss_gib": round(peak, 2),
+        "rss_growth_during_steps_gib": round(peak - baseline, 2),
+        "extraction_share": round(per_batch * inner_batches / step, 4),
+        "poster_size": list(trial.geometry.poster_size),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "cpus": os.cpu_count(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

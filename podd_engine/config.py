@@ -1,0 +1,189 @@
+"""TrialConfig: every setting of one distillation trial, as a plain dataclass, plus presets.
+
+Presets:
+  paper      the official per-data-set settings (CIFAR-10, CIFAR-100, CUB-200, Tiny-ImageNet;
+             docs/reference-implementation.md, section 8). Meant for GPUs.
+  cpu-small  a CPU-sized schedule at the same poster geometry: a CIFAR-10 1-IPC distillation
+             plus evaluation in about 10 minutes on 2 cores that still learns something real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("podd", "rat-bptt", "random-real")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrialConfig:
+    # what to distil
+    dataset: str = "cifar10"
+    method: str = "podd"  # podd | rat-bptt (n separate images per IPC) | random-real
+    ipc: float = 1.0
+    class_grid: str | None = None  # "COLSxROWS"; default: the grid closest to 2:1
+    patch_grid: str = "16x6"  # "COLSxROWS" of overlapping patches (podd only)
+    labels: str = "fixed"  # fixed | learned
+    order: str = "poco"  # poco | random | identity | given
+    order_grid: list[list[int]] | None = None  # for order "given"
+    embedder: str = "clip"  # text encoder of PoCO: clip (the paper's) | minilm (ships offline)
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"
+    clip_weights: str | None = None
+    clip_mode: str = "tokens"  # tokens (official) | pooled
+    init: str = "fade"  # fade (official) | gaussian (paper's Algorithm 1)
+    # data and network
+    preprocessing: str = "zca"  # zca | normalize
+    zca_regularization: float = 0.1
+    model: str = "convnet"
+    width: int = 128
+    depth: int | None = None  # None: 3 for 32 px, 4 for 64 px
+    norm: str = "instancenorm"
+    # RaT-BPTT
+    steps: int = 4000  # outer steps
+    total_inner_steps: int = 200  # T
+    window: int = 60  # dT unrolled steps
+    distill_batch: int = 96  # patches per inner step
+    real_batch: int = 5000
+    real_chunk: int = 1000  # real batch processed in chunks of this size (memory only)
+    inner_lr: float = 1e-3
+    lr: float = 1e-3
+    label_lr_scale: float = 1.0
+    clip_coef: float = 0.9
+    augmentation: str = "flip_rotate"
+    unroll: str = "recompute"  # recompute (memory independent of window) | store
+    precision: str = "fp32"  # fp32 | bf16 (autocast; faster on AMX CPUs and tensor-core GPUs)
+    # evaluation protocol
+    eval_models: int = 8
+    eval_steps: list[int] = field(default_factory=lambda: [300, 600, 1000, 2000])
+    eval_batch: int | None = None  # default: distill_batch
+    eval_lr: float | None = None  # default: inner_lr (as the official evaluation)
+    eval_every: int = 0  # evaluate every N outer steps as well (0: only at the end)
+    # run
+    seed: int = 0
+    device: str = "auto"
+    data_root: str | None = None
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}: valid settings are "
+                             f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def key(self) -> str:
+        """A stable hash of the settings that change the result (not where files live)."""
+        science = {k: v for k, v in self.to_dict().items()
+                   if k not in ("device", "data_root", "cache_dir", "real_chunk")}
+        return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
+
+    def validate(self) -> None:
+        """Errors that do not need the data set; each names the field and the fix."""
+        choices = {"method": METHODS, "labels": ("fixed", "learned"), "device": DEVICES,
+                   "order": ("poco", "random", "identity", "given"),
+                   "init": ("fade", "gaussian"), "preprocessing": ("zca", "normalize"),
+                   "clip_mode": ("tokens", "pooled"), "embedder": ("clip", "minilm"), "unroll": ("recompute", "store"),
+                   "precision": ("fp32", "bf16"), "augmentation": ("flip_rotate", "none"),
+                   "norm": ("instancenorm", "batchnorm", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
+        positive = ("ipc", "steps", "total_inner_steps", "window", "distill_batch", "real_batch",
+                    "real_chunk", "inner_lr", "lr", "eval_models", "width", "label_lr_scale")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.window > self.total_inner_steps:
+            raise ValueError(f"window ({self.window}) must not exceed total_inner_steps "
+                             f"({self.total_inner_steps})")
+        if not 0 <= self.clip_coef < 1:
+            raise ValueError(f"clip_coef must be in [0, 1), got {self.clip_coef}")
+        if not self.eval_steps or min(self.eval_steps) < 1:
+            raise ValueError(f"eval_steps must be positive step counts, got {self.eval_steps}")
+        if self.method == "rat-bptt" and float(self.ipc) != int(self.ipc):
+            raise ValueError(f"ipc {self.ipc} is not a whole number: method rat-bptt stores whole "
+                             f"images per class (use method podd below 1 IPC)")
+        if self.order == "given" and self.order_grid is None:
+            raise ValueError("order 'given' needs order_grid: rows of class indices")
+
+
+def default_class_grid(num_classes: int) -> str:
+    """COLSxROWS with cols >= rows and the ratio closest to 2 (the official grids: 5x2 for 10
+    classes, 10x10 for 100, 20x10 for 200)."""
+    pairs = [(num_classes // r, r) for r in range(1, int(num_classes ** 0.5) + 1)
+             if num_classes % r == 0]
+    cols, rows = min(pairs, key=lambda p: abs(p[0] / p[1] - 2))
+    return f"{cols}x{rows}"
+
+
+# The official settings (paper section 5 and the official README); steps = epochs x train/real.
+PAPER = {
+    "cifar10": dict(class_grid="5x2", patch_grid="16x6", distill_batch=96, real_batch=5000,
+                    window=60, total_inner_steps=200, inner_lr=1e-3, lr=1e-3, labels="fixed",
+                    steps=40_000),
+    "cifar100": dict(class_grid="10x10", patch_grid="20x20", distill_batch=50, real_batch=2000,
+                     window=100, total_inner_steps=300, inner_lr=1e-3, lr=1e-3,
+                     labels="learned", steps=50_000),
+    "cub200": dict(class_grid="20x10", patch_grid="60x30", distill_batch=200, real_batch=3000,
+                   window=60, total_inner_steps=200, inner_lr=1e-3, lr=1e-3, labels="learned",
+                   steps=16_000, seed=1),
+    "tiny-imagenet": dict(class_grid="20x10", patch_grid="40x20", distill_batch=30,
+                          real_batch=500, window=100, total_inner_steps=300, inner_lr=5e-4,
+                          lr=5e-4, labels="learned", steps=100_000,
+                          eval_steps=[100, 300, 600, 1000, 2000]),
+}
+
+# CPU-sized: the CIFAR-10 paper geometry (5x2 classes, 16x6 patches, 96 patches per step) and
+# learning rates, with a narrower ConvNet, a short unroll (5 of 20 inner steps), a small real
+# batch, 300 outer steps and 3 evaluation networks on the paper's evaluation schedule.
+# PoCO uses the MiniLM text encoder here because it ships with its weights (CLIP weights need a
+# download); results record the embedder, and `--embedder clip` restores the paper's.
+CPU_SMALL = dict(embedder="minilm", width=32, steps=300, total_inner_steps=20, window=5,
+                 real_batch=256, real_chunk=256, eval_models=3)
+
+
+def paper_preset_name(dataset: str, num_classes: int | None = None,
+                      image_size: tuple[int, int] | None = None) -> str:
+    """Which paper preset fits a data set: by registry name, else by its shape (a Parquet copy
+    of CIFAR-10 is CIFAR-10)."""
+    base = dataset.split(":", 1)[0]
+    if base in PAPER:
+        return base
+    by_shape = {(10, (32, 32)): "cifar10", (100, (32, 32)): "cifar100",
+                (200, (32, 32)): "cub200", (200, (64, 64)): "tiny-imagenet"}
+    key = (num_classes, tuple(image_size) if image_size else None)
+    if key in by_shape:
+        return by_shape[key]
+    raise ValueError(f"no paper preset for {dataset!r} ({num_classes} classes, "
+                     f"{image_size} images): use preset cpu-small or give the settings")
+
+
+def make_config(preset: str | None = None, *, num_classes: int | None = None,
+                image_size: tuple[int, int] | None = None, **settings: Any) -> TrialConfig:
+    """A TrialConfig from a preset plus explicit settings (explicit settings win)."""
+    base: dict[str, Any] = {}
+    if preset == "paper":
+        base = dict(PAPER[paper_preset_name(settings.get("dataset", "cifar10"), num_classes,
+                                            image_size)])
+    elif preset == "cpu-small":
+        base = dict(CPU_SMALL)
+    elif preset not in (None, "none"):
+        raise ValueError(f"preset must be paper or cpu-small, got {preset!r}")
+    config = TrialConfig.from_dict({**base, **{k: v for k, v in settings.items()
+                                               if v is not None}})
+    config.validate()
+    return config

@@ -1,0 +1,273 @@
+"""From a TrialConfig to a distilled, evaluated poster: the engine's one entry point.
+
+    from podd_engine import TrialConfig, distill
+    result = distill(TrialConfig(dataset="parquet:../shared/datasets/cifar10-jpeg", ipc=0.5,
+                                 steps=50, width=32))
+    result.evaluation.mean()
+
+The three methods share one representation, a poster with patches and labels:
+  podd         overlapping patches of a poster of about ipc x n images (PoCO layout, PoDDL);
+  rat-bptt     the paper's baseline: ipc whole images per class, exactly tiled (no overlap);
+  random-real  real training images with the same pixel budget, tiled, hard labels, no
+               distillation (the sanity baseline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from podd_engine.config import TrialConfig, default_class_grid
+from podd_engine.data import ImageDataset, create_dataset
+from podd_engine.evaluate import EvalResult, evaluate_synthetic
+from podd_engine.labels import PosterLabels, create_labels
+from podd_engine.models import create_model
+from podd_engine.ordering import (ClassOrdering, ClipTextEmbedder, MiniLMTextEmbedder,
+                                  create_class_ordering)
+from podd_engine.poster import PosterGeometry, extract_patches, init_poster, parse_grid
+from podd_engine.artifact import PosterArtifact, save_artifact
+from podd_engine.preprocess import Preprocessing, fit_preprocessing, preprocessing_key
+from podd_engine.rat_bptt import Distiller, InnerSchedule, OuterSettings, StepMetrics, SyntheticSet
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is visible: use --device cpu "
+                         "or auto")
+    return torch.device(device)
+
+
+@dataclass
+class Trial:
+    """Everything a trial is built from, before any optimisation."""
+
+    config: TrialConfig
+    dataset: ImageDataset
+    preprocessing: Preprocessing
+    geometry: PosterGeometry
+    ordering: ClassOrdering
+    labels: PosterLabels
+    poster: torch.Tensor
+    device: torch.device
+    train_images: torch.Tensor  # preprocessed, on the device
+    test_images: torch.Tensor
+
+    def make_model(self) -> torch.nn.Module:
+        c = self.config
+        return create_model(c.model, channels=self.dataset.channels,
+                            num_classes=self.dataset.num_classes,
+                            image_size=self.dataset.image_size, width=c.width, depth=c.depth,
+                            norm=c.norm).to(self.device)
+
+
+@dataclass
+class DistillResult:
+    trial: Trial
+    poster: torch.Tensor
+    labels: PosterLabels
+    history: list[StepMetrics] = field(default_factory=list)
+    evaluation: EvalResult | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        out = {"method": self.trial.config.method, "dataset": self.trial.dataset.name,
+               "requested_ipc": self.trial.config.ipc, **self.trial.geometry.summary(),
+               "label_mode": self.labels.mode, "label_parameters": self.labels.num_parameters,
+               **self.trial.ordering.summary(), "steps": len(self.history),
+               "seconds": round(self.seconds, 2), "config_key": self.trial.config.key()}
+        out.pop("class_order", None)
+        if self.history:
+            out["final_loss"] = self.history[-1].loss
+        if self.evaluation is not None:
+            out.update({k: v for k, v in self.evaluation.summary().items() if k != "per_model"})
+        return out
+
+
+def build_geometry(config: TrialConfig, dataset: ImageDataset) -> PosterGeometry:
+    class_grid = parse_grid(config.class_grid or default_class_grid(dataset.num_classes),
+                            "class_grid")
+    common = dict(channels=dataset.channels, image_size=dataset.image_size,
+                  num_classes=dataset.num_classes)
+    if config.method == "podd":
+        return PosterGeometry.for_ipc(config.ipc, class_grid=class_grid,
+                                      patch_grid=config.patch_grid, **common)
+    h, w = dataset.image_size
+    if config.method == "rat-bptt":  # ipc images per class cell, side by side, no overlap
+        k = int(config.ipc)
+        cols, rows = class_grid
+        return PosterGeometry(**common, class_grid=class_grid, patch_grid=(cols * k, rows),
+                              poster_size=(rows * h, cols * k * w), requested_ipc=config.ipc)
+    count = max(1, round(config.ipc * dataset.num_classes))  # random-real: one row of images
+    return PosterGeometry(**common, class_grid=class_grid, patch_grid=(count, 1),
+                          poster_size=(h, count * w), requested_ipc=config.ipc)
+
+
+def _random_real_poster(trial_images: torch.Tensor, dataset: ImageDataset, count: int,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` real training images, classes as even as possible (a seeded class order decides
+    who gets the extra ones), tiled in one row; and their one-hot labels."""
+    generator = torch.Generator().manual_seed(seed)
+    n = dataset.num_classes
+    class_order = torch.randperm(n, generator=generator)
+    per_class = [count // n + (1 if rank < count % n else 0) for rank in range(n)]
+    chosen, labels = [], []
+    for rank, cls in enumerate(class_order.tolist()):
+        members = torch.nonzero(dataset.train_labels == cls).flatten()
+        pick = members[torch.randperm(len(members), generator=generator)[:per_class[rank]]]
+        chosen.append(pick)
+        labels += [cls] * len(pick)
+    images = trial_images[torch.cat(chosen).to(trial_images.device)]
+    poster = torch.cat(list(images), dim=2)  # [C, H, count*W]
+    return poster, torch.nn.functional.one_hot(torch.tensor(labels), n).float()
+
+
+def create_embedder(config: TrialConfig):
+    if config.embedder == "minilm":
+        return MiniLMTextEmbedder()
+    return ClipTextEmbedder(config.clip_model, config.clip_pretrained, config.clip_weights,
+                            config.clip_mode)
+
+
+def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
+                embedder=None) -> Trial:
+    config.validate()
+    if dataset is None:
+        dataset = create_dataset(config.dataset, data_root=config.data_root,
+                                 cache_dir=config.cache_dir)
+    device = resolve_device(config.device)
+    preprocessing = fit_preprocessing(dataset, config.preprocessing,
+                                      regularization=config.zca_regularization,
+                                      cache_dir=config.cache_dir)
+    train = preprocessing.transform(dataset.train_images).to(device)
+    test = preprocessing.transform(dataset.test_images).to(device)
+    geometry = build_geometry(config, dataset)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    if config.method == "podd":
+        if config.order == "poco" and embedder is None:
+            embedder = create_embedder(config)
+        ordering = create_class_ordering(config.order, dataset.class_names,
+                                         geometry.class_grid, seed=config.seed,
+                                         embedder=embedder, given=config.order_grid)
+    else:  # the layout has no meaning for separate images: data-set order
+        ordering = create_class_ordering("identity", dataset.class_names, geometry.class_grid)
+
+    if config.method == "random-real":
+        poster, onehot = _random_real_poster(train, dataset, geometry.num_patches, config.seed)
+        labels = PosterLabels("fixed", None, onehot.to(device))
+    else:
+        label_grid = geometry.patch_grid if config.method == "rat-bptt" else None
+        labels = create_labels(config.labels, geometry, ordering.grid, label_grid).to(device)
+        poster = init_poster(geometry, config.init, generator).to(device)
+    return Trial(config, dataset, preprocessing, geometry, ordering, labels, poster, device,
+                 train, test)
+
+
+def evaluate_poster(trial: Trial, poster: torch.Tensor, labels: PosterLabels,
+                    on_model: Callable[[int, list[float]], None] | None = None) -> EvalResult:
+    c = trial.config
+    with torch.no_grad():
+        images = extract_patches(poster.detach(), trial.geometry)
+        targets = labels.patch_labels().detach()
+    return evaluate_synthetic(trial.make_model, images, targets, trial.test_images,
+                              trial.dataset.test_labels.to(trial.device), models=c.eval_models,
+                              steps=c.eval_steps, batch_size=c.eval_batch or c.distill_batch,
+                              lr=c.eval_lr or c.inner_lr, augmentation=c.augmentation,
+                              seed=c.seed * 1000,
+                              on_model=on_model)
+
+
+def distill(
+    config: TrialConfig,
+    dataset: ImageDataset | None = None,
+    *,
+    embedder=None,
+    on_step: Callable[[StepMetrics, Distiller], None] | None = None,
+    on_eval: Callable[[int, EvalResult], None] | None = None,
+    resume: dict | None = None,
+    evaluate: bool = True,
+) -> DistillResult:
+    """Distil `config.dataset` (or `dataset`) into a poster and evaluate it.
+
+    on_step(metrics, distiller) is called after every outer step (checkpoint with
+    distiller.state_dict()); on_eval(step, result) after every evaluation; `resume` is a
+    distiller state to continue from.
+    """
+    start = time.perf_counter()
+    trial = build_trial(config, dataset, embedder)
+    c = trial.config
+    result = DistillResult(trial, trial.poster, trial.labels)
+    if c.method != "random-real":
+        schedule = InnerSchedule(c.total_inner_steps, c.window, c.distill_batch, c.inner_lr,
+                                 augmentation=c.augmentation)
+        outer = OuterSettings(c.lr, c.label_lr_scale, c.clip_coef, real_batch=c.real_batch,
+                              real_chunk=c.real_chunk, unroll=c.unroll, precision=c.precision)
+        distiller = Distiller(trial.make_model(), SyntheticSet(trial.geometry, trial.labels),
+                              trial.poster, trial.train_images,
+                              trial.dataset.train_labels.to(trial.device), schedule, outer,
+                              torch.Generator().manual_seed(c.seed))
+        if resume is not None:
+            distiller.load_state_dict(resume)
+        while distiller.step_count < c.steps:
+            metrics = distiller.step()
+            result.history.append(metrics)
+            if on_step is not None:
+                on_step(metrics, distiller)
+            if c.eval_every and metrics.step % c.eval_every == 0 and metrics.step < c.steps:
+                interim = evaluate_poster(trial, distiller.poster, distiller.synthetic.labels)
+                if on_eval is not None:
+                    on_eval(metrics.step, interim)
+        result.poster = distiller.poster.detach()
+        result.labels = distiller.synthetic.labels
+    if evaluate:
+        result.evaluation = evaluate_poster(trial, result.poster, result.labels)
+        if on_eval is not None:
+            on_eval(c.steps if c.method != "random-real" else 0, result.evaluation)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def save_result(result: DistillResult, folder) -> None:
+    """Write the poster artifact (tensors, metadata with metrics, PNG) of a finished trial."""
+    trial = result.trial
+    c = trial.config
+    save_artifact(folder, config=c, geometry=trial.geometry, poster=result.poster,
+                  labels=result.labels, class_order=trial.ordering.grid,
+                  class_names=trial.dataset.class_names, preprocessing=trial.preprocessing,
+                  preprocessing_key=preprocessing_key(trial.dataset, c.preprocessing,
+                                                      c.zca_regularization),
+                  metrics=result.summary(), embedder=trial.ordering.embedder)
+
+
+def evaluate_artifact(artifact: PosterArtifact, *, models: int | None = None,
+                      device: str = "auto", data_root: str | None = None,
+                      cache_dir: str | None = None,
+                      on_model: Callable[[int, list[float]], None] | None = None) -> EvalResult:
+    """Re-run the evaluation protocol on a saved poster, with nothing but the artifact (and the
+    data set it names, for the test split and the preprocessing)."""
+    changes = {"device": device, "data_root": data_root or artifact.config.data_root,
+               "cache_dir": cache_dir or artifact.config.cache_dir}
+    if models is not None:
+        changes["eval_models"] = models
+    config = artifact.config.replace(**changes)
+    dataset = create_dataset(config.dataset, data_root=config.data_root,
+                             cache_dir=config.cache_dir)
+    recorded = artifact.metadata["preprocessing"]["training_set_key"]
+    if preprocessing_key(dataset, config.preprocessing, config.zca_regularization) != recorded:
+        raise ValueError(f"data set {config.dataset!r} is not the one this poster was distilled "
+                         f"on (its training set differs): point --data-root at the original data")
+    preprocessing = fit_preprocessing(dataset, config.preprocessing,
+                                      regularization=config.zca_regularization,
+                                      cache_dir=config.cache_dir)
+    device_ = resolve_device(config.device)
+    trial = Trial(config, dataset, preprocessing, artifact.geometry,
+                  ClassOrdering(artifact.class_order, "saved", artifact.metadata.get("embedder"),
+                                None),
+                  artifact.labels.to(device_), artifact.poster.to(device_), device_,
+                  torch.empty(0), preprocessing.transform(dataset.test_images).to(device_))
+    return evaluate_poster(trial, trial.poster, trial.labels, on_model=on_model)
