@@ -17,21 +17,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import time
 
 import torch
+from common import add_step_arguments, malloc_env, paper_trial, peak_rss_gib
 
-from podd_engine import make_config
 from podd_engine.models import reinitialize
-from podd_engine.pipeline import build_trial
 from podd_engine.rat_bptt import (AdamState, InnerBatch, InnerSchedule, SyntheticSet, draw_plan,
                                   meta_gradient)
 from podd_engine.preprocess import draw_augmentation
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def extraction_seconds(synthetic: SyntheticSet, poster: torch.Tensor, labels: torch.Tensor,
@@ -51,27 +45,17 @@ def extraction_seconds(synthetic: SyntheticSet, poster: torch.Tensor, labels: to
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="parquet:../shared/datasets/cifar10-jpeg")
-    p.add_argument("--ipc", type=float, default=0.9)
-    p.add_argument("--window", type=int, default=10)
-    p.add_argument("--total-inner-steps", type=int, default=40)
-    p.add_argument("--curriculum-start", type=int, default=27)
-    p.add_argument("--real-batch", type=int, default=500)
+    add_step_arguments(p)
     p.add_argument("--real-chunk", type=int, default=500)
-    p.add_argument("--width", type=int, default=128)
     p.add_argument("--labels", default="fixed")
     p.add_argument("--unroll", default="recompute", choices=["recompute", "store"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--steps", type=int, default=3, help="measured outer steps (after 1 warm-up)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    config = make_config("paper", dataset=args.dataset, num_classes=10, image_size=(32, 32),
-                         ipc=args.ipc, order="identity", labels=args.labels, width=args.width,
-                         window=args.window, total_inner_steps=args.total_inner_steps,
-                         real_batch=args.real_batch, real_chunk=args.real_chunk,
-                         unroll=args.unroll, precision=args.precision, device=args.device)
-    trial = build_trial(config)
+    trial = paper_trial(args, labels=args.labels, real_chunk=args.real_chunk, unroll=args.unroll,
+                        precision=args.precision, device=args.device)
+    config = trial.config
     model = trial.make_model()
     synthetic = SyntheticSet(trial.geometry, trial.labels)
     schedule = InnerSchedule(config.total_inner_steps, config.window, config.distill_batch,
@@ -112,7 +96,7 @@ def main() -> None:
         "rss_growth_during_steps_gib": round(peak - baseline, 2),
         "extraction_share": round(per_batch * inner_batches / step, 4),
         "poster_size": list(trial.geometry.poster_size),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_env": malloc_env(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "cpus": os.cpu_count(),
     }, indent=2))

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
+from common import add_step_arguments, malloc_env, paper_trial, peak_rss_gib
 
-from podd_engine import make_config
 from podd_engine.models import reinitialize
-from podd_engine.pipeline import build_trial
 from podd_engine.preprocess import apply_augmentation, draw_augmentation
 
 
@@ -32,20 +29,11 @@ def main() -> None:
     import higher
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="parquet:../shared/datasets/cifar10-jpeg")
-    p.add_argument("--ipc", type=float, default=0.9)
-    p.add_argument("--window", type=int, default=10)
-    p.add_argument("--total-inner-steps", type=int, default=40)
-    p.add_argument("--curriculum-start", type=int, default=27)
-    p.add_argument("--real-batch", type=int, default=500)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
+    add_step_arguments(p)
     args = p.parse_args()
 
-    config = make_config("paper", dataset=args.dataset, num_classes=10, image_size=(32, 32),
-                         ipc=args.ipc, order="identity", width=args.width, window=args.window,
-                         total_inner_steps=args.total_inner_steps, device="cpu")
-    trial = build_trial(config)
+    trial = paper_trial(args, device="cpu")
+    config = trial.config
     geometry, labels = trial.geometry, trial.labels.array
     h, w = geometry.image_size
     positions = geometry.patch_positions.tolist()
@@ -87,16 +75,16 @@ def main() -> None:
             loss.backward()
         return time.perf_counter() - start
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    baseline = peak_rss_gib()
     one_step()
     times = [one_step() for _ in range(args.steps)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gib()
     print(json.dumps({
         "engine": "official-style (higher)", "settings": vars(args),
         "seconds_per_outer_step": round(min(times), 3),
         "seconds_per_outer_step_all": [round(t, 3) for t in times],
         "peak_rss_gib": round(peak, 2), "rss_growth_during_steps_gib": round(peak - baseline, 2),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_env": malloc_env(),
     }, indent=2))
 
 

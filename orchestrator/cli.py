@@ -182,11 +182,14 @@ def _parse_settings(pairs: list[str]) -> dict:
 
 @contextlib.contextmanager
 def step_progress(total: int, description: str) -> Iterator[Callable[..., None]]:
-    """A progress bar for outer steps showing the loss and seconds per step."""
+    """A progress bar for outer steps showing the loss and seconds per step. When stderr is not
+    a terminal (a log file, a CI job), a plain line every 10% of the steps instead."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} s/step"),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console) as progress:
+    interactive = err_console.is_terminal
+    every = max(1, total // 10)
+    with Progress(*columns, console=err_console, disable=not interactive) as progress:
         task = progress.add_task(description, total=total, loss="-", rate="-")
 
         def advance(completed: int, loss: float | None = None,
@@ -197,6 +200,10 @@ def step_progress(total: int, description: str) -> Iterator[Callable[..., None]]
             if seconds is not None:
                 fields["rate"] = f"{seconds:.2f}"
             progress.update(task, completed=completed, **fields)
+            if not interactive and (completed % every == 0 or completed == total):
+                err_console.print(f"{description}: step {completed}/{total} loss "
+                                  f"{fields.get('loss', '-')} {fields.get('rate', '-')} s/step",
+                                  highlight=False)
 
         yield advance
 
@@ -205,7 +212,8 @@ def step_progress(total: int, description: str) -> Iterator[Callable[..., None]]
 def distill_command(
     dataset: Annotated[str, typer.Option(help="Data set: a registry name or parquet:PATH, ...")],
     ipc: Annotated[float, typer.Option(help="Images per class of pixel budget (e.g. 0.5).")],
-    out: Annotated[Path, typer.Option(help="Folder for the poster artifact.")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for the poster artifact [default: runs/METHOD-ipcK-CONFIGKEY]")] = None,
     preset: Annotated[Optional[str], typer.Option(help="paper | cpu-small")] = None,
     method: Annotated[Optional[str], typer.Option(help="podd | rat-bptt | random-real")] = None,
     class_grid: Annotated[Optional[str], typer.Option(help="Class grid COLSxROWS, e.g. 5x2.")] = None,
@@ -243,6 +251,7 @@ def distill_command(
         options = {k: v for k, v in options.items() if v is not None}
         config = make_config(preset, num_classes=ds.num_classes, image_size=ds.image_size,
                              **{**extra, **options})
+        out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
         total = config.steps if config.method != "random-real" else 0
         try:
             with step_progress(total, f"distil {config.method} {config.ipc:g} IPC") as advance:

@@ -133,23 +133,25 @@ def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
 
 def poster_for_display(poster: torch.Tensor, geometry: PosterGeometry,
                        preprocessing: Preprocessing) -> torch.Tensor:
-    """[C, H, W] in [0, 1]. ZCA is defined on image-sized windows, so the poster is undone
-    window by window on a half-image stride and the overlapping windows are averaged."""
+    """[C, H, W] in [0, 1]. ZCA is defined on image-sized windows, so the poster is undone window
+    by window (a quarter-image stride) and the windows are blended with a tapered (Hann) weight:
+    a window's edges, which ZCA reconstructs worst, count least, so no seams show."""
     poster = poster.detach().cpu().float()
     if isinstance(preprocessing, ChannelNormalization):
         return preprocessing.inverse(poster[None])[0].clamp(0, 1)
     assert isinstance(preprocessing, ZCAWhitening)
     (ph, pw), (h, w) = geometry.poster_size, geometry.image_size
-    ys = evenly_spaced(ph, h, max(1, -(-2 * (ph - h) // h) + 1))
-    xs = evenly_spaced(pw, w, max(1, -(-2 * (pw - w) // w) + 1))
+    ys = evenly_spaced(ph, h, max(1, -(-4 * (ph - h) // h) + 1))
+    xs = evenly_spaced(pw, w, max(1, -(-4 * (pw - w) // w) + 1))
+    taper = (torch.hann_window(h + 2, periodic=False)[1:-1, None]
+             * torch.hann_window(w + 2, periodic=False)[None, 1:-1])
     out = torch.zeros_like(poster)
     weight = torch.zeros(1, ph, pw)
     for y in ys:
         windows = torch.stack([poster[:, y:y + h, x:x + w] for x in xs])
-        restored = preprocessing.inverse(windows)
-        for x, window in zip(xs, restored):
-            out[:, y:y + h, x:x + w] += window
-            weight[:, y:y + h, x:x + w] += 1
+        for x, window in zip(xs, preprocessing.inverse(windows)):
+            out[:, y:y + h, x:x + w] += window * taper
+            weight[:, y:y + h, x:x + w] += taper
     out /= weight
     low, high = torch.quantile(out.flatten(), torch.tensor([0.005, 0.995]))
     return ((out - low) / (high - low + 1e-12)).clamp(0, 1)

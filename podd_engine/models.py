@@ -45,7 +45,7 @@ class ConvNet(nn.Module):
         in_channels = channels
         for _ in range(depth):
             layers += [nn.Conv2d(in_channels, width, 3, padding=1), _norm(norm, width),
-                       nn.ReLU(inplace=False), nn.AvgPool2d(2, 2)]
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)]
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * (h >> depth) * (w >> depth), num_classes)

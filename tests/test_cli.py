@@ -124,3 +124,13 @@ def test_distill_bad_input_exit_code_2(tmp_path, args, message):
 def test_evaluate_a_folder_that_is_not_an_artifact(tmp_path):
     line = one_error_line(run("evaluate", str(tmp_path)))
     assert "not a poster artifact" in line
+
+
+def test_distill_without_out_writes_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("distill", "--dataset", "digits", "--ipc", "1", "--method", "random-real",
+                 "--eval-models", "1", *TINY)
+    assert result.exit_code == 0, result.output
+    artifact = json.loads(result.stdout)["artifact"]
+    assert artifact.startswith("runs/random-real-ipc1-")
+    assert (tmp_path / artifact / "poster.json").exists()

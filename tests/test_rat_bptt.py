@@ -10,7 +10,6 @@ from podd_engine.rat_bptt import (AdamState, Distiller, InnerSchedule, OuterSett
                                  adam_update, draw_plan, meta_gradient)
 from podd_engine.labels import create_labels
 from podd_engine.models import ConvNet, reinitialize
-from podd_engine.ordering import identity_order
 from podd_engine.poster import PosterGeometry, init_poster
 from podd_engine.preprocess import apply_augmentation, standardize_per_image
 

@@ -1,0 +1,39 @@
+"""What the step benchmarks share: the settings of a measured outer step and the trial at the
+CIFAR-10 paper geometry (5x2 classes, 16x6 patches, 96 patches per inner step)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+
+from podd_engine import make_config
+from podd_engine.pipeline import Trial, build_trial
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="parquet:../shared/datasets/cifar10-jpeg")
+    parser.add_argument("--ipc", type=float, default=0.9)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--total-inner-steps", type=int, default=40)
+    parser.add_argument("--curriculum-start", type=int, default=27,
+                        help="fixed, so every measured step does the same work")
+    parser.add_argument("--real-batch", type=int, default=500)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="measured outer steps (after 1 warm-up)")
+
+
+def paper_trial(args: argparse.Namespace, **settings) -> Trial:
+    config = make_config("paper", dataset=args.dataset, num_classes=10, image_size=(32, 32),
+                         ipc=args.ipc, order="identity", width=args.width, window=args.window,
+                         total_inner_steps=args.total_inner_steps, real_batch=args.real_batch,
+                         **settings)
+    return build_trial(config)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def malloc_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
