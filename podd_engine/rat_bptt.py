@@ -379,6 +379,17 @@ class OuterSettings:
     precision: str = "fp32"
 
 
+def clip_to_ema(grad: torch.Tensor, ema: float | None, coef: float = 0.9,
+                factor: float = 2.0) -> tuple[torch.Tensor, float]:
+    """Clip `grad` to `factor` x an exponential moving average of gradient norms (the first
+    norm starts the average; the current norm is included before clipping, as the official
+    code). Returns the clipped gradient and the updated average."""
+    norm = float(grad.norm())
+    ema = norm if ema is None else coef * ema + (1 - coef) * norm
+    limit = factor * ema
+    return grad * min(1.0, limit / (norm + 1e-6)), ema
+
+
 @dataclass
 class StepMetrics:
     step: int
@@ -447,10 +458,8 @@ class Distiller:
             raise NonFiniteError(f"outer step {self.step_count + 1}: the real-batch loss or the "
                                  f"poster gradient is not finite (loss {result.real_loss})")
         grad_norm = float(result.poster.norm())
-        self.grad_norm_ema = grad_norm if self.grad_norm_ema is None else (
-            self.outer.clip_coef * self.grad_norm_ema + (1 - self.outer.clip_coef) * grad_norm)
-        limit = self.outer.clip_factor * self.grad_norm_ema
-        poster_grad = result.poster * min(1.0, limit / (grad_norm + 1e-6))
+        poster_grad, self.grad_norm_ema = clip_to_ema(result.poster, self.grad_norm_ema,
+                                                      self.outer.clip_coef, self.outer.clip_factor)
         self.optimizer.zero_grad(set_to_none=True)
         self.poster.grad = poster_grad
         if self.learn_labels:

@@ -191,3 +191,18 @@ def test_distiller_is_seeded_and_resumes_exactly(digits):
     d = make_distiller(digits, 2)
     d.run(1)
     assert not torch.equal(d.poster, make_distiller(digits, 1).poster)
+
+
+def test_poster_gradient_is_clipped_to_twice_its_norm_ema():
+    from podd_engine.rat_bptt import clip_to_ema
+
+    g = torch.full((4,), 0.5)  # norm 1
+    clipped, ema = clip_to_ema(g, None)
+    assert ema == pytest.approx(1.0) and torch.equal(clipped, g)  # first norm starts the EMA
+    spike = torch.full((4,), 50.0)  # norm 100
+    clipped, ema = clip_to_ema(spike, ema)
+    assert ema == pytest.approx(0.9 * 1 + 0.1 * 100)
+    assert float(clipped.norm()) == pytest.approx(2 * ema, rel=1e-6)  # clipped to 2 x EMA
+    assert torch.allclose(clipped / clipped.norm(), spike / spike.norm())  # direction kept
+    small, ema2 = clip_to_ema(g, ema)
+    assert torch.equal(small, g)  # below the limit: untouched

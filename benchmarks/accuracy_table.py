@@ -1,0 +1,30 @@
+"""Markdown table (mean +- std over seeds) of the JSON summaries written by run_accuracy.sh.
+
+    python benchmarks/accuracy_table.py runs/accuracy
+"""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def main(folder: str) -> None:
+    groups = defaultdict(list)
+    for path in sorted(Path(folder).glob("*.json")):
+        s = json.loads(path.read_text())
+        groups[(s["method"], s["requested_ipc"])].append(s)
+    print("| method | IPC (achieved) | test accuracy % (mean +- std over seeds) | seeds | "
+          "per-seed (mean over eval models) |")
+    print("|---|---|---|---|---|")
+    for (method, ipc), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        accs = [100 * r["test_accuracy"] for r in runs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"| {method} | {ipc:g} ({runs[0]['achieved_ipc']:.3f}) | "
+              f"{statistics.fmean(accs):.2f} +- {std:.2f} | {len(runs)} | "
+              f"{', '.join(f'{a:.2f}' for a in accs)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
