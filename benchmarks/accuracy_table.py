@@ -20,9 +20,12 @@ def main(folder: str) -> None:
     print("|---|---|---|---|---|")
     for (method, ipc), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         accs = [100 * r["test_accuracy"] for r in runs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {method} | {ipc:g} ({runs[0]['achieved_ipc']:.3f}) | "
-              f"{statistics.fmean(accs):.2f} +- {std:.2f} | {len(runs)} | "
+        if len(accs) > 1:
+            spread = f"{statistics.fmean(accs):.2f} +- {statistics.stdev(accs):.2f}"
+        else:  # one seed: the spread over its evaluation networks is all there is
+            spread = (f"{accs[0]:.2f} (+- {100 * runs[0]['test_accuracy_std']:.2f} over "
+                      f"{runs[0]['eval_models']} eval models)")
+        print(f"| {method} | {ipc:g} ({runs[0]['achieved_ipc']:.3f}) | {spread} | {len(runs)} | "
               f"{', '.join(f'{a:.2f}' for a in accs)} |")
 
 
