@@ -8,7 +8,8 @@ inner step, ConvNet width 128, 0.9 IPC by default). The curriculum start is fixe
 measured step does the same work (c plain steps + window unrolled steps). Peak memory is the
 process's maximum RSS (ru_maxrss) and its growth during the measured steps; the glibc allocator
 settings in the environment (MALLOC_*) are recorded with the result. Also reported: the share of
-a step spent cutting patches and computing their labels (forward and backward).
+a step spent cutting patches and computing their labels (forward and backward), alone and
+together with the flip/rotate augmentation.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from podd_engine.preprocess import draw_augmentation
 
 
 def extraction_seconds(synthetic: SyntheticSet, poster: torch.Tensor, labels: torch.Tensor,
-                       batch: int, repeats: int = 50) -> float:
-    """Forward + backward of patch extraction, augmentation and label lookup for one batch."""
+                       batch: int, augment: bool, repeats: int = 50) -> float:
+    """Forward + backward of cutting one batch of patches and computing their labels (and,
+    with `augment`, the flip/rotate augmentation too)."""
     generator = torch.Generator().manual_seed(0)
     poster = poster.detach().requires_grad_(True)
-    labels = labels.detach().requires_grad_(labels.ndim == 2 and synthetic.labels.mode == "learned")
+    labels = labels.detach().requires_grad_(synthetic.labels.mode == "learned")
+    strategy = "flip_rotate" if augment else "none"
     start = time.perf_counter()
     for _ in range(repeats):
         idx = torch.randperm(synthetic.geometry.num_patches, generator=generator)[:batch]
-        inner = InnerBatch(idx.sort().values, draw_augmentation(batch, "flip_rotate", generator))
+        inner = InnerBatch(idx.sort().values, draw_augmentation(batch, strategy, generator))
         images, targets = synthetic.batch(poster, labels, inner)
         (images.sum() + targets.sum()).backward()
     return (time.perf_counter() - start) / repeats
@@ -83,7 +86,9 @@ def main() -> None:
     times = [one_step() for _ in range(args.steps)]
     peak = peak_rss_gib()
     per_batch = extraction_seconds(synthetic, trial.poster, trial.labels.array,
-                                   config.distill_batch)
+                                   config.distill_batch, augment=False)
+    per_batch_augmented = extraction_seconds(synthetic, trial.poster, trial.labels.array,
+                                             config.distill_batch, augment=True)
     inner_batches = args.curriculum_start + 2 * args.window  # recompute replays the window
     if args.unroll == "store":
         inner_batches = args.curriculum_start + args.window
@@ -95,6 +100,7 @@ def main() -> None:
         "peak_rss_gib": round(peak, 2),
         "rss_growth_during_steps_gib": round(peak - baseline, 2),
         "extraction_share": round(per_batch * inner_batches / step, 4),
+        "extraction_and_augmentation_share": round(per_batch_augmented * inner_batches / step, 4),
         "poster_size": list(trial.geometry.poster_size),
         "malloc_env": malloc_env(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
