@@ -140,9 +140,9 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
         dataset = create_dataset(config.dataset, data_root=config.data_root,
                                  cache_dir=config.cache_dir)
     device = resolve_device(config.device)
-    preprocessing = fit_preprocessing(dataset, config.preprocessing,
+    preprocessing = fit_preprocessing(dataset, config.preprocessing,  # the covariance on the GPU
                                       regularization=config.zca_regularization,
-                                      cache_dir=config.cache_dir)
+                                      cache_dir=config.cache_dir, device=device)
     train = preprocessing.transform(dataset.train_images).to(device)
     test = preprocessing.transform(dataset.test_images).to(device)
     geometry = build_geometry(config, dataset)
