@@ -15,6 +15,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from podd_engine.labels import LABEL_MODES
+from podd_engine.models import NORMS
+from podd_engine.ordering import CLIP_MODES, EMBEDDERS, ORDERINGS
+from podd_engine.poster import POSTER_INITS
+from podd_engine.preprocess import AUGMENTATIONS, PREPROCESSING_KINDS
+from podd_engine.rat_bptt import PRECISIONS, UNROLL_MODES
+
 METHODS = ("podd", "rat-bptt", "random-real")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -92,12 +99,11 @@ class TrialConfig:
 
     def validate(self) -> None:
         """Errors that do not need the data set; each names the field and the fix."""
-        choices = {"method": METHODS, "labels": ("fixed", "learned"), "device": DEVICES,
-                   "order": ("poco", "random", "identity", "given"),
-                   "init": ("fade", "gaussian"), "preprocessing": ("zca", "normalize"),
-                   "clip_mode": ("tokens", "pooled"), "embedder": ("clip", "minilm"), "unroll": ("recompute", "store"),
-                   "precision": ("fp32", "bf16"), "augmentation": ("flip_rotate", "none"),
-                   "norm": ("instancenorm", "batchnorm", "none")}
+        choices = {"method": METHODS, "labels": LABEL_MODES, "device": DEVICES,
+                   "order": ORDERINGS, "init": POSTER_INITS,
+                   "preprocessing": PREPROCESSING_KINDS, "clip_mode": CLIP_MODES,
+                   "embedder": EMBEDDERS, "unroll": UNROLL_MODES, "precision": PRECISIONS,
+                   "augmentation": AUGMENTATIONS, "norm": NORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 ORDERINGS = ("poco", "random", "identity", "given")
+CLIP_MODES = ("tokens", "pooled")
 
 
 class OrderingError(ValueError):
@@ -147,7 +148,7 @@ class ClipTextEmbedder:
     def _load(self):
         import open_clip
 
-        if self.mode not in ("tokens", "pooled"):
+        if self.mode not in CLIP_MODES:
             raise OrderingError(f"clip embedding mode must be 'tokens' or 'pooled', got {self.mode!r}")
         # OpenAI's CLIP weights were trained with QuickGELU; open_clip only switches it on for
         # the 'openai' tag, so a local copy of those weights must ask for it explicitly.

@@ -17,6 +17,9 @@ from functools import cached_property
 import torch
 
 
+POSTER_INITS = ("fade", "gaussian")
+
+
 class GeometryError(ValueError):
     """An impossible poster geometry; the message names the setting and how to fix it."""
 
@@ -207,7 +210,7 @@ def init_poster(geometry: PosterGeometry, kind: str = "fade",
     c = geometry.channels
     if kind == "gaussian":
         return torch.randn(c, *geometry.poster_size, generator=generator)
-    if kind != "fade":
+    if kind not in POSTER_INITS:
         raise GeometryError(f"init must be 'fade' or 'gaussian', got {kind!r}")
     ys, xs, (ah, aw) = class_area_positions(geometry)
     rows = []

@@ -83,9 +83,9 @@ class AdamState:
         return cls(params, {k: torch.zeros_like(p) for k, p in params.items()},
                    {k: torch.zeros_like(p) for k, p in params.items()})
 
-    def detached(self) -> "AdamState":
-        return AdamState(*({k: t.detach() for k, t in d.items()} for d in (self.params, self.m,
-                                                                           self.v)), self.step)
+    def clone(self) -> "AdamState":
+        return AdamState(*({k: t.clone() for k, t in d.items()} for d in (self.params, self.m,
+                                                                          self.v)), self.step)
 
 
 @dataclass(frozen=True)
@@ -311,9 +311,7 @@ def meta_gradient(
     else:
         saved: list[AdamState] = []
         for inner in plan.window:  # forward without a graph, remembering each step's input state
-            saved.append(AdamState({k: t.clone() for k, t in state.params.items()},
-                                   {k: t.clone() for k, t in state.m.items()},
-                                   {k: t.clone() for k, t in state.v.items()}, state.step))
+            saved.append(state.clone())
             inner_step(model, state, synthetic, poster, label_array, inner, schedule, precision,
                        differentiable=False)
         grad_params, loss, accuracy = real_loss_gradient(
