@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,8 +33,9 @@ datasets_app = typer.Typer(help="List data sets, or fill the decoded-tensor cach
                            invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI) gets room for the trial tables rather than rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -48,7 +50,7 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one line on stderr and exit code 2."""
     try:
         yield
-    except (data.DatasetError, ValueError, FileNotFoundError) as exc:
+    except (data.DatasetError, ValueError, FileNotFoundError) as exc:  # SpecError is a ValueError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
@@ -296,6 +298,186 @@ def evaluate_command(
     summary = result.summary()
     summary["artifact"] = str(artifact)
     console.print_json(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+TrackingUriOption = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow store [env MLFLOW_TRACKING_URI, else the spec's, else "
+                           "sqlite:///mlflow.db in this folder]")]
+
+
+def _load_checked_sweep(spec: Path):
+    """Parse, expand and check a sweep against its data sets and text encoders (SpecError)."""
+    from orchestrator.spec import SpecError, load_sweep, parse_spec
+    from podd_engine.pipeline import create_embedder
+
+    if not spec.is_file():
+        raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "
+                        f"sweeps/smoke.yaml")
+    parsed = parse_spec(spec.read_text(), str(spec))
+    loaded: dict[str, data.ImageDataset] = {}
+
+    def dataset_info(name: str) -> data.ImageDataset:
+        if name not in loaded:
+            try:
+                with progress_bar() as progress:
+                    loaded[name] = data.create_dataset(name, data_root=parsed.data_root,
+                                                       cache_dir=parsed.cache_dir,
+                                                       progress=progress)
+            except data.DatasetError as exc:
+                datasets = parsed.dataset if isinstance(parsed.dataset, list) else [parsed.dataset]
+                where = (f"dataset[{datasets.index(name)}]" if len(datasets) > 1 and
+                         name in datasets else "dataset")
+                raise SpecError(f"{spec}: {where}: {exc}") from None
+        return loaded[name]
+
+    sweep = load_sweep(spec, dataset_info=dataset_info)
+    checked = set()
+    for trial in sweep.trials:  # PoCO's text encoder must load here, not fail in every trial
+        c = trial.config
+        if c.method == "podd" and c.order == "poco":
+            which = (c.embedder, c.clip_model, c.clip_pretrained, c.clip_weights, c.clip_mode)
+            if which not in checked:
+                checked.add(which)
+                try:
+                    create_embedder(c).embed(["check"])
+                except Exception as exc:  # missing weights: the engine's message says how
+                    raise SpecError(f"{spec}: class_order: poco with embedder {c.embedder}: "
+                                    f"{str(exc).splitlines()[0]}") from None
+    return sweep
+
+
+def _trial_table(sweep) -> Table:
+    from orchestrator.spec import short_dataset_name
+
+    table = Table(title=f"sweep {sweep.name}: {len(sweep.trials)} trials", title_justify="left")
+    for column in ("#", "method", "dataset", "IPC", "achieved", "poster", "patches", "order",
+                   "labels", "seed", "key"):
+        table.add_column(column, no_wrap=True,
+                         justify="right" if column in ("#", "IPC", "achieved", "seed") else "left")
+    for i, t in enumerate(sweep.trials):
+        c = t.config
+        podd = c.method == "podd"
+        table.add_row(str(i), c.method, short_dataset_name(c.dataset), f"{c.ipc:g}",
+                      f"{t.achieved_ipc:.3f}", f"{t.poster_size[0]}x{t.poster_size[1]}",
+                      c.patch_grid if podd else "-", c.order if podd else "-",
+                      c.labels if c.method != "random-real" else "-", str(c.seed), t.key)
+    return table
+
+
+@app.command("launch")
+def launch_command(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. sweeps/smoke.yaml.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trials; start nothing.")] = False,
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to join ('auto' or HOST:PORT) [env RAY_ADDRESS; default: a local "
+             "Ray with this machine's cores]")] = None,
+    tracking_uri: TrackingUriOption = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Require an interrupted sweep of this name to continue (by default "
+                         "one is continued when it exists, else the sweep starts).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No Ray Tune status table.")] = False,
+) -> None:
+    """Run a sweep's trials on Ray Tune and record them in MLflow (resumes an interrupted one)."""
+    from orchestrator.spec import SpecError
+
+    with user_errors():
+        sweep = _load_checked_sweep(spec)
+        resources = sweep.spec.resources
+        if dry_run:
+            console.print(_trial_table(sweep))
+            console.print(f"{len(sweep.trials)} trials, each {resources.cpu:g} CPU + "
+                          f"{resources.gpu:g} GPU; at most "
+                          f"{sweep.spec.max_concurrent or 'as many as fit'} at once; "
+                          f"MLflow: {sweep.tracking_uri(tracking_uri)} "
+                          f"(experiment {sweep.spec.experiment}); Ray results: "
+                          f"{sweep.storage_path() / sweep.name}")
+            return
+        from orchestrator.tune import launch
+        try:
+            outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
+                             resume=True if resume else None, verbose=0 if quiet else 1)
+        except SpecError:
+            raise
+        except ConnectionError as exc:
+            raise ValueError(f"--address: cannot reach the Ray cluster: {exc}") from None
+    _print_outcome(outcome)
+    if outcome.failed:
+        raise typer.Exit(1)
+    if outcome.unfinished:
+        raise typer.Exit(130)
+
+
+def _print_outcome(outcome) -> None:
+    table = Table(title=f"sweep {outcome.sweep}", title_justify="left")
+    for column in ("trial", "state", "test accuracy", "error"):
+        table.add_column(column)
+    for name, state in sorted(outcome.states.items()):
+        acc = outcome.accuracy.get(name)
+        table.add_row(name, state, f"{100 * acc:.2f} %" if acc is not None else "",
+                      outcome.errors.get(name, ""))
+    console.print(table)
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(outcome.counts().items()))
+    console.print(f"{counts}. MLflow: {outcome.tracking_uri}, parent run "
+                  f"{outcome.parent_run_id} (open with: podd-sweep ui). Ray results: "
+                  f"{outcome.experiment_dir}")
+    if outcome.failed:
+        err_console.print(f"[bold red]{len(outcome.failed)} trial(s) failed:[/] "
+                          + "; ".join(f"{n}: {outcome.errors.get(n, '')}" for n in outcome.failed))
+    if outcome.unfinished:
+        err_console.print(f"interrupted: {len(outcome.unfinished)} trial(s) unfinished; run the "
+                          f"same command again to resume")
+
+
+@app.command("status")
+def status_command(
+    sweep: Annotated[Optional[str], typer.Argument(help="Sweep name (default: all sweeps).")] = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
+) -> None:
+    """Trials of a sweep by state, with their best test accuracy so far (from MLflow)."""
+    from orchestrator.status import sweep_status
+
+    with user_errors():
+        sweeps = sweep_status(tracking_uri, experiment, sweep)
+    for entry in sweeps:
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(entry.counts.items()))
+        table = Table(title=f"sweep {entry.name} ({entry.status.lower()}): {counts}",
+                      title_justify="left")
+        for column in ("trial", "state", "step", "best test accuracy", "error"):
+            table.add_column(column, justify="right" if column == "step" else "left")
+        for trial in entry.trials:
+            best = trial.best_accuracy
+            table.add_row(trial.name, trial.status, str(trial.step),
+                          f"{100 * best:.2f} %" if best is not None else "", trial.error or "")
+        console.print(table)
+
+
+@app.command("ui")
+def ui_command(
+    tracking_uri: TrackingUriOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+) -> None:
+    """Start the MLflow UI on the sweep store (open http://HOST:PORT in a browser)."""
+    import os
+    import shutil
+
+    from orchestrator.status import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow = shutil.which("mlflow")
+    with user_errors():
+        if mlflow is None:
+            raise ValueError("the mlflow command is not installed in this environment: "
+                             "pip install -e . installs it")
+        if uri.startswith(("http://", "https://")):
+            raise ValueError(f"--tracking-uri {uri} is a tracking server: open it in a browser "
+                             f"directly, it already serves the UI")
+    err_console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host,
+                      "--port", str(port)])
 
 
 if __name__ == "__main__":

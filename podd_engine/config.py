@@ -91,9 +91,23 @@ class TrialConfig:
     def replace(self, **changes: Any) -> "TrialConfig":
         return TrialConfig.from_dict({**self.to_dict(), **changes})
 
+    def canonical(self) -> "TrialConfig":
+        """The same trial with the settings its method ignores reset to their defaults, so two
+        configs that run the same computation compare (and hash) equal: a rat-bptt baseline has
+        no patch grid or class ordering, random-real images have no learned labels or init."""
+        if self.method == "podd":
+            return self
+        defaults = TrialConfig()
+        ignored = ["patch_grid", "order", "order_grid", "embedder", "clip_model",
+                   "clip_pretrained", "clip_weights", "clip_mode"]
+        if self.method == "random-real":
+            ignored += ["labels", "init"]
+        return self.replace(**{name: getattr(defaults, name) for name in ignored})
+
     def key(self) -> str:
-        """A stable hash of the settings that change the result (not where files live)."""
-        science = {k: v for k, v in self.to_dict().items()
+        """A stable hash of the settings that change the result (not where files live, nor
+        settings the method ignores)."""
+        science = {k: v for k, v in self.canonical().to_dict().items()
                    if k not in ("device", "data_root", "cache_dir", "real_chunk")}
         return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
 

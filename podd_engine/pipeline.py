@@ -57,6 +57,13 @@ class Trial:
     train_images: torch.Tensor  # preprocessed, on the device
     test_images: torch.Tensor
 
+    def summary(self) -> dict:
+        """What the trial is, once built: geometry, labels, class order and its embedder."""
+        return {"method": self.config.method, "dataset": self.dataset.name,
+                "requested_ipc": self.config.ipc, **self.geometry.summary(),
+                "label_mode": self.labels.mode, "label_parameters": self.labels.num_parameters,
+                **self.ordering.summary(), "config_key": self.config.key()}
+
     def make_model(self) -> torch.nn.Module:
         c = self.config
         return create_model(c.model, channels=self.dataset.channels,
@@ -75,11 +82,8 @@ class DistillResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        out = {"method": self.trial.config.method, "dataset": self.trial.dataset.name,
-               "requested_ipc": self.trial.config.ipc, **self.trial.geometry.summary(),
-               "label_mode": self.labels.mode, "label_parameters": self.labels.num_parameters,
-               **self.trial.ordering.summary(), "steps": len(self.history),
-               "seconds": round(self.seconds, 2), "config_key": self.trial.config.key()}
+        out = {**self.trial.summary(), "steps": len(self.history),
+               "seconds": round(self.seconds, 2)}
         out.pop("class_order", None)
         if self.history:
             out["final_loss"] = self.history[-1].loss
@@ -187,6 +191,7 @@ def distill(
     dataset: ImageDataset | None = None,
     *,
     embedder=None,
+    on_start: Callable[[Trial], None] | None = None,
     on_step: Callable[[StepMetrics, Distiller], None] | None = None,
     on_eval: Callable[[int, EvalResult], None] | None = None,
     resume: dict | None = None,
@@ -194,13 +199,16 @@ def distill(
 ) -> DistillResult:
     """Distil `config.dataset` (or `dataset`) into a poster and evaluate it.
 
-    on_step(metrics, distiller) is called after every outer step (checkpoint with
+    on_start(trial) is called once the trial is built (geometry, ordering, labels known);
+    on_step(metrics, distiller) after every outer step (checkpoint with
     distiller.state_dict()); on_eval(step, result) after every evaluation; `resume` is a
     distiller state to continue from.
     """
     start = time.perf_counter()
     trial = build_trial(config, dataset, embedder)
     c = trial.config
+    if on_start is not None:
+        on_start(trial)
     result = DistillResult(trial, trial.poster, trial.labels)
     if c.method != "random-real":
         schedule = InnerSchedule(c.total_inner_steps, c.window, c.distill_batch, c.inner_lr,

@@ -1,0 +1,391 @@
+"""A sweep, described in YAML, checked up front and expanded into trials.
+
+    name: cifar10-ipc
+    dataset: cifar10              # or a list
+    preset: paper                 # engine settings; `settings:` overrides any of them
+    ipc: [0.3, 0.5, 1.0]          # the grid axes: each a value or a list
+    patch_grid: ["16x6"]
+    class_order: poco
+    labels: fixed
+    method: podd
+    seeds: [0, 1]
+    include:                      # extra trials; axes they leave out take the values above
+      - {method: rat-bptt, ipc: 1}
+    resources: {cpu: 1, gpu: 0.5}
+
+Every problem is found before anything starts and reported as one line naming the field path
+(`ipc[2]`, `include[0].method`, `resources.gpu`) and the fix. Trials are TrialConfigs; two
+combinations that run the same computation (a rat-bptt baseline crossed with patch grids it
+ignores) collapse into one trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from podd_engine.config import METHODS, TrialConfig, make_config
+from podd_engine.data import ImageDataset
+from podd_engine.labels import LABEL_MODES
+from podd_engine.ordering import ORDERINGS
+from podd_engine.poster import parse_grid
+
+# The grid axes, in the order trials are listed; each maps to one TrialConfig field.
+AXES = {"dataset": "dataset", "method": "method", "ipc": "ipc", "patch_grid": "patch_grid",
+        "class_order": "order", "labels": "labels", "seeds": "seed"}
+DEFAULT_STORAGE = "runs/ray"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "podd-sweep"
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot run; the message starts with the field path."""
+
+
+Grid = Union[str, list[int]]  # "16x6" or [16, 6]
+
+
+def _listify(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _grid_text(value: Any) -> str:
+    if isinstance(value, list):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                      for v in value):
+            raise ValueError(f"a grid is [COLS, ROWS] or 'COLSxROWS', got {value!r}")
+        value = f"{value[0]}x{value[1]}"
+    cols, rows = parse_grid(str(value), "grid")
+    return f"{cols}x{rows}"
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpu: float = Field(1.0, gt=0, description="CPU cores per trial (also its torch threads)")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
+
+
+class AxisValues(BaseModel):
+    """Grid axes: each a single value or a list. Used at the top level and in `include`."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: Union[str, list[str], None] = None
+    method: Union[str, list[str], None] = None
+    ipc: Union[float, list[float], None] = None
+    patch_grid: Union[Grid, list[Grid], None] = None
+    class_order: Union[str, list[str], None] = None
+    labels: Union[str, list[str], None] = None
+    seeds: Union[int, list[int], None] = None
+
+    @field_validator("method")
+    @classmethod
+    def _methods(cls, value):
+        for v in _listify(value) if value is not None else []:
+            if v not in METHODS:
+                raise ValueError(f"must be one of {', '.join(METHODS)}, got {v!r}")
+        return value
+
+    @field_validator("class_order")
+    @classmethod
+    def _orders(cls, value):
+        for v in _listify(value) if value is not None else []:
+            if v not in ORDERINGS:
+                raise ValueError(f"must be one of {', '.join(ORDERINGS)}, got {v!r}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value):
+        for v in _listify(value) if value is not None else []:
+            if v not in LABEL_MODES:
+                raise ValueError(f"must be one of {', '.join(LABEL_MODES)}, got {v!r}")
+        return value
+
+    @field_validator("ipc")
+    @classmethod
+    def _ipcs(cls, value):
+        for v in _listify(value) if value is not None else []:
+            if not v > 0:
+                raise ValueError(f"must be positive, got {v}")
+        return value
+
+    @field_validator("patch_grid", mode="before")
+    @classmethod
+    def _grids(cls, value):
+        if value is None:
+            return None
+        # [16, 6] is one grid; [[16, 6], "8x3"] or ["16x6"] are lists of grids
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            return _grid_text(value)
+        return [_grid_text(v) for v in value] if isinstance(value, list) else _grid_text(value)
+
+    @field_validator("dataset", "method", "ipc", "patch_grid", "class_order", "labels", "seeds")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    def given(self) -> dict[str, list]:
+        return {name: _listify(getattr(self, name)) for name in AXES
+                if getattr(self, name) is not None}
+
+
+class SweepSpec(AxisValues):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="letters, digits, '.', '_' and '-'")
+    dataset: Union[str, list[str]]
+    ipc: Union[float, list[float]]
+    include: list[AxisValues] = []
+    preset: Union[str, None] = None
+    settings: dict[str, Any] = {}
+    class_grid: Union[Grid, None] = None
+    order_grid: Union[list[list[int]], None] = None
+    resources: Resources = Resources()
+    max_concurrent: Union[int, None] = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+    checkpoint_every: int = Field(50, ge=1, description="outer steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="outer steps between reported losses")
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: Union[str, None] = None
+    experiment: str = DEFAULT_EXPERIMENT
+    data_root: Union[str, None] = None
+    cache_dir: Union[str, None] = None
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value):
+        if value not in (None, "paper", "cpu-small"):
+            raise ValueError(f"must be paper or cpu-small, got {value!r}")
+        return value
+
+    @field_validator("class_grid", mode="before")
+    @classmethod
+    def _class_grid(cls, value):
+        return None if value is None else _grid_text(value)
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, value):
+        known = {f.name for f in dataclasses.fields(TrialConfig)}
+        owned = set(AXES.values()) | {"class_grid", "order_grid", "data_root", "cache_dir"}
+        for name in value:
+            if name in owned:
+                axis = next((a for a, f in AXES.items() if f == name), name)
+                raise ValueError(f"{name!r} is set at the top level of the spec ({axis}:), "
+                                 f"not under settings")
+            if name not in known:
+                raise ValueError(f"unknown engine setting {name!r}; valid settings: "
+                                 f"{', '.join(sorted(known - owned))}")
+        return value
+
+    @model_validator(mode="after")
+    def _given_needs_grid(self):
+        orders = set(_listify(self.class_order or []))
+        for entry in self.include:
+            orders |= set(_listify(entry.class_order or []))
+        if "given" in orders and self.order_grid is None:
+            raise ValueError("class_order 'given' needs order_grid: rows of class indices")
+        return self
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial of a sweep: its engine config and where its axis values came from."""
+
+    config: TrialConfig
+    origin: dict[str, str]  # axis -> field path in the spec (for error messages)
+    achieved_ipc: float = 0.0
+    poster_size: tuple[int, int] = (0, 0)
+
+    @property
+    def key(self) -> str:
+        return self.config.key()
+
+    @property
+    def name(self) -> str:
+        """A short readable trial name: method, data set, IPC, the podd axes, seed, key."""
+        c = self.config
+        parts = [c.method, short_dataset_name(c.dataset), f"ipc{c.ipc:g}"]
+        if c.method == "podd":
+            parts += [c.patch_grid, c.order, c.labels]
+        elif c.method == "rat-bptt":
+            parts.append(c.labels)
+        return "-".join(parts + [f"s{c.seed}", c.key()[:6]])
+
+
+def short_dataset_name(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    return Path(path).name if path else kind
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    source: str  # the file it came from
+    trials: list[PlannedTrial]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def fingerprint(self) -> str:
+        """Identifies the set of trials: a resumed sweep must have the same one."""
+        keys = sorted(t.key for t in self.trials)
+        return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:12]
+
+    def storage_path(self) -> Path:
+        return Path(self.spec.storage).expanduser().resolve()
+
+    def tracking_uri(self, override: str | None = None) -> str:
+        return absolute_tracking_uri(override or os.environ.get("MLFLOW_TRACKING_URI")
+                                     or self.spec.tracking_uri or DEFAULT_TRACKING_URI)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db resolved against the working directory, so that the driver, a
+    resumed launch and `podd-sweep ui` started elsewhere all mean the same file."""
+    match = re.match(r"^sqlite:///(?!/)(.+)$", uri)
+    if match:
+        return f"sqlite:///{Path(match.group(1)).resolve()}"
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return Path(uri).resolve().as_uri()  # a plain folder: MLflow's file store
+    return uri
+
+
+def _location(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in ("str", "float", "int", "bool"):
+            continue  # pydantic names the union branch it tried; the user does not care
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _pydantic_message(error: ValidationError, source: str) -> str:
+    # of the union branches pydantic tried, the one that got deepest says the most
+    first = max(error.errors(), key=lambda e: len(e["loc"]))
+    path = _location(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        allowed = sorted(SweepSpec.model_fields if len(first["loc"]) == 1 else
+                         AxisValues.model_fields if first["loc"][0] == "include" else
+                         Resources.model_fields)
+        message = f"unknown key; valid keys here: {', '.join(allowed)}"
+    elif first["type"] == "missing":
+        message = "is required"
+    elif "input" in first and first["type"] not in ("value_error",):
+        message = f"{message} (got {first['input']!r})"
+    return f"{source}: {path}: {message}"
+
+
+def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}:{where} is not valid YAML: "
+                        f"{getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a sweep spec is a YAML mapping with at least name, dataset "
+                        f"and ipc; got {type(raw).__name__}")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_pydantic_message(exc, source)) from None
+
+
+def _combinations(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """Every grid point of the top level and of each `include` entry, with field paths."""
+    top = spec.given()
+    out = []
+    blocks = [(top, {axis: axis for axis in top})]
+    for i, entry in enumerate(spec.include):
+        given = entry.given()
+        blocks.append(({**top, **given},
+                       {axis: (f"include[{i}].{axis}" if axis in given else axis)
+                        for axis in {**top, **given}}))
+    for axes, paths in blocks:
+        names = list(axes)
+        for values in itertools.product(*(axes[n] for n in names)):
+            chosen = dict(zip(names, values))
+            origin = {}
+            for n, v in chosen.items():
+                index = axes[n].index(v)
+                origin[n] = f"{paths[n]}[{index}]" if len(axes[n]) > 1 else paths[n]
+            out.append((chosen, origin))
+    return out
+
+
+def _blame(message: str, origin: dict[str, str], chosen: dict[str, Any]) -> str:
+    """The spec path most likely responsible for an engine error message."""
+    lowered = message.lower()
+    for axis, field_name in AXES.items():
+        for word in {axis, field_name}:
+            if re.search(rf"\b{re.escape(word)}\b", lowered) and axis in origin:
+                return origin[axis]
+    if "class_grid" in lowered:
+        return "class_grid"
+    for setting in ("window", "steps", "total_inner_steps", "eval_steps", "clip_coef"):
+        if setting in lowered:
+            return f"settings.{setting}"
+    return "trial " + ", ".join(f"{k}={v}" for k, v in chosen.items())
+
+
+def expand(spec: SweepSpec, *, source: str = "<spec>",
+           dataset_info: Callable[[str], ImageDataset] | None = None) -> list[PlannedTrial]:
+    """The spec's trials, deduplicated, each validated (and, with `dataset_info`, checked
+    against its data set's classes and image size: IPC too small, class grid mismatch)."""
+    from podd_engine.pipeline import build_geometry
+
+    trials: dict[str, PlannedTrial] = {}
+    for chosen, origin in _combinations(spec):
+        settings = {AXES[axis]: value for axis, value in chosen.items()}
+        settings.setdefault("method", "podd")
+        settings.setdefault("seed", 0)
+        settings.update(spec.settings)
+        settings.update(class_grid=spec.class_grid, order_grid=spec.order_grid,
+                        data_root=spec.data_root, cache_dir=spec.cache_dir)
+        if spec.resources.gpu == 0 and "device" not in spec.settings:
+            settings["device"] = "cpu"
+        info = dataset_info(settings["dataset"]) if dataset_info else None
+        try:
+            config = make_config(spec.preset, num_classes=info.num_classes if info else None,
+                                 image_size=info.image_size if info else None, **settings)
+            config = config.canonical()
+            geometry = build_geometry(config, info) if info is not None else None
+        except ValueError as exc:
+            raise SpecError(f"{source}: {_blame(str(exc), origin, chosen)}: {exc}") from None
+        trial = PlannedTrial(config, origin,
+                             round(geometry.achieved_ipc, 4) if geometry else 0.0,
+                             tuple(geometry.poster_size) if geometry else (0, 0))
+        trials.setdefault(trial.key, trial)
+    return list(trials.values())
+
+
+def load_sweep(path: str | os.PathLike, *,
+               dataset_info: Callable[[str], ImageDataset] | None = None) -> Sweep:
+    """Read, validate and expand a sweep file (SpecError on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"no sweep spec at {path}: give the path of a YAML file such as "
+                        f"sweeps/smoke.yaml")
+    spec = parse_spec(path.read_text(), str(path))
+    return Sweep(spec, str(path), expand(spec, source=str(path), dataset_info=dataset_info))

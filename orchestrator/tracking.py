@@ -1,0 +1,286 @@
+"""MLflow records of a sweep, written only by the Ray driver.
+
+One parent run per sweep (tag `podd.sweep`, role `sweep`) and one child run per trial (tags
+`podd.sweep` + `podd.trial_key`, the hash of the trial's engine config). A resumed sweep finds
+both again by those tags instead of creating duplicates, and does not log a metric or a poster
+image twice for a step it already recorded. Only this process writes to the store, so a sqlite
+file is safe however many trials run at once.
+
+`SweepRecorder` holds the MLflow logic and knows nothing of Ray; `TrackingCallback` adapts Ray
+Tune's callback hooks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.spec import PlannedTrial
+
+SWEEP_TAG = "podd.sweep"
+KEY_TAG = "podd.trial_key"
+ROLE_TAG = "podd.role"
+ERROR_TAG = "podd.error"
+PARENT_TAG = "mlflow.parentRunId"
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+# What a trial reports (orchestrator.tune) and how it is recorded.
+STEP_METRICS = ("loss", "real_accuracy", "grad_norm", "seconds_per_step")
+EVENT = "podd_event"  # setup | step | checkpoint | eval | final | diverged
+INFO = "podd_info"    # trial facts known once the trial is built (logged as params)
+POSTER_PNG = "poster.png"
+ARTIFACT_DIR = "artifact"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:6000]  # MLflow's limit on a param value
+
+
+class SweepRecorder:
+    """Parent and child runs of one sweep in one MLflow experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep: str):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep = sweep
+        self._client = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.runs: dict[str, str] = {}  # trial key -> run id
+        self._last_step: dict[tuple[str, str], int] = {}  # (run, metric) -> last logged step
+        self._params: dict[str, set[str]] = {}  # run -> param keys already logged
+        self.failed: dict[str, str] = {}  # trial key -> error line
+
+    # Tune pickles its callbacks with the experiment and unpickles them when the sweep is
+    # resumed: a recorder unpickles as the one this process opened for the same sweep, so a
+    # resumed sweep still has exactly one writer with one view of its runs.
+    def __reduce__(self):
+        return (_recorder_for, (self.tracking_uri, self.experiment, self.sweep))
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    # -- the sweep's parent run --
+    def open_sweep(self, *, spec_text: str, fingerprint: str, trials: int,
+                   params: dict[str, Any]) -> str:
+        client = self.client
+        experiment = client.get_experiment_by_name(self.experiment)
+        self.experiment_id = (experiment.experiment_id if experiment is not None
+                              else client.create_experiment(self.experiment))
+        found = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
+                             f"tags.`{ROLE_TAG}` = 'sweep'")
+        if found:
+            self.parent_id = found[0].info.run_id
+            client.update_run(self.parent_id, status="RUNNING")
+            for run in self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
+                                    f"tags.`{ROLE_TAG}` = 'trial'"):
+                self.runs[run.data.tags[KEY_TAG]] = run.info.run_id
+        else:
+            run = client.create_run(self.experiment_id, run_name=self.sweep,
+                                    tags={SWEEP_TAG: self.sweep, ROLE_TAG: "sweep"})
+            self.parent_id = run.info.run_id
+            client.log_text(self.parent_id, spec_text, "sweep.yaml")
+        self._log_params(self.parent_id, {**params, "trials": trials,
+                                          "fingerprint": fingerprint})
+        _OPEN[(self.tracking_uri, self.experiment, self.sweep)] = self
+        return self.parent_id
+
+    def close_sweep(self, status: str) -> None:
+        """End the parent run; any trial run still open is marked KILLED (an interrupted sweep
+        leaves nothing RUNNING; a resumed one reopens them)."""
+        for key, run_id in self.runs.items():
+            if self.client.get_run(run_id).info.status not in TERMINAL:
+                self.client.set_terminated(run_id, "KILLED")
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status)
+        _OPEN.pop((self.tracking_uri, self.experiment, self.sweep), None)
+
+    # -- trial runs --
+    def trial_started(self, trial: PlannedTrial) -> str:
+        """The trial's run, reopened when it exists (a retry or a resumed sweep)."""
+        run_id = self.runs.get(trial.key)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=trial.name,
+                tags={SWEEP_TAG: self.sweep, ROLE_TAG: "trial", KEY_TAG: trial.key,
+                      PARENT_TAG: self.parent_id, "podd.method": trial.config.method,
+                      "podd.dataset": trial.config.dataset})
+            run_id = self.runs[trial.key] = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        config = trial.config.to_dict()
+        self._log_params(run_id, {**{k: v for k, v in config.items() if v is not None},
+                                  "trial_key": trial.key})
+        return run_id
+
+    def trial_result(self, key: str, result: dict) -> None:
+        run_id = self.runs[key]
+        if isinstance(result.get(INFO), dict):
+            self._log_params(run_id, result[INFO])
+        step = int(result.get("step", 0))
+        values = {k: v for k, v in result.items()
+                  if (k in STEP_METRICS or k.startswith("test_accuracy"))
+                  and isinstance(v, (int, float))}
+        self._log_metrics(run_id, values, step)
+        if result.get(EVENT) == "diverged":
+            self.failed[key] = str(result.get("error", "diverged"))
+
+    def trial_checkpoint(self, key: str, folder: Path, step: int) -> None:
+        run_id = self.runs[key]
+        png = folder / POSTER_PNG
+        if png.exists() and self._new_step(run_id, "poster", step):
+            from PIL import Image
+            with Image.open(png) as image:
+                self.client.log_image(run_id, image.copy(), key="poster", step=step)
+        if (folder / ARTIFACT_DIR).is_dir():
+            self.client.log_artifacts(run_id, str(folder / ARTIFACT_DIR), "poster_artifact")
+            if png.exists():
+                self.client.log_artifact(run_id, str(png))
+
+    def trial_retried(self, key: str, error: str) -> None:
+        run_id = self.runs[key]
+        retries = int(self.client.get_run(run_id).data.tags.get("podd.retries", 0)) + 1
+        self.client.set_tag(run_id, "podd.retries", str(retries))
+        self.client.set_tag(run_id, "podd.last_error", error[:5000])
+
+    def trial_finished(self, key: str, error: str | None = None,
+                       error_detail: str | None = None) -> None:
+        run_id = self.runs[key]
+        error = error or self.failed.get(key)
+        if error:
+            self.failed[key] = error
+            self.client.set_tag(run_id, ERROR_TAG, error[:5000])
+            if error_detail:
+                self.client.log_text(run_id, error_detail, "error.txt")
+        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+    # -- helpers --
+    def _search(self, filter_string: str) -> list:
+        return search_all(self.client, self.experiment_id, filter_string)
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if run_id not in self._params:
+            self._params[run_id] = set(self.client.get_run(run_id).data.params)
+        new = [Param(k, _param_value(v)) for k, v in params.items()
+               if k not in self._params[run_id]]
+        for start in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=new[start:start + 100])
+        self._params[run_id] |= {p.key for p in new}
+
+    def _new_step(self, run_id: str, metric: str, step: int) -> bool:
+        """False when `metric` was already logged at `step` or later (a resumed trial replays
+        the steps after its last checkpoint)."""
+        key = (run_id, metric)
+        if key not in self._last_step:
+            if metric == "poster":
+                self._last_step[key] = -1
+                artifacts = [a.path for a in self.client.list_artifacts(run_id, "images")]
+                for path in artifacts:  # log_image names them images/poster+step+50+...
+                    found = re.match(r"poster[+%]step[+%](\d+)[+%]", Path(path).name)
+                    if found:
+                        self._last_step[key] = max(self._last_step[key], int(found.group(1)))
+            else:
+                history = self.client.get_metric_history(run_id, metric)
+                self._last_step[key] = max((m.step for m in history), default=-1)
+        if step <= self._last_step[key]:
+            return False
+        self._last_step[key] = step
+        return True
+
+    def _log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
+                   if self._new_step(run_id, k, step)]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+
+def search_all(client, experiment_id: str, filter_string: str) -> list:
+    """Every run matching `filter_string` (MLflow pages its search results)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+_OPEN: dict[tuple[str, str, str], SweepRecorder] = {}
+
+
+def _recorder_for(tracking_uri: str, experiment: str, sweep: str) -> SweepRecorder:
+    return _OPEN.get((tracking_uri, experiment, sweep)) or SweepRecorder(tracking_uri, experiment,
+                                                                          sweep)
+
+
+def error_line(text: str) -> str:
+    """The line of a traceback that says what went wrong (its last non-empty line)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+class TrackingCallback(tune.Callback):
+    """Ray Tune's hooks, forwarded to a SweepRecorder (runs on the driver)."""
+
+    def __init__(self, recorder: SweepRecorder, trials: Iterable[PlannedTrial]):
+        self.recorder = recorder
+        self.trials = {t.key: t for t in trials}
+
+    @staticmethod
+    def _key(trial) -> str:
+        return trial.config["trial"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.recorder.trial_started(self.trials[self._key(trial)])
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.recorder.trial_result(self._key(trial), result)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        step = int((trial.last_result or {}).get("step", 0))
+        with checkpoint.as_directory() as folder:
+            self.recorder.trial_checkpoint(self._key(trial), Path(folder), step)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recorder.trial_retried(self._key(trial), error_line(_error_text(trial)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.recorder.trial_finished(self._key(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        text = _error_text(trial)
+        self.recorder.trial_finished(self._key(trial), error_line(text), text)
+
+
+def _error_text(trial) -> str:
+    try:
+        error = trial.get_error()
+        return str(error) if error is not None else "the trial failed without a message"
+    except Exception:  # the error file may not be readable (a lost node)
+        path = getattr(trial, "error_file", None)
+        if path and Path(path).exists():
+            return Path(path).read_text()
+        return "the trial failed without a message"
