@@ -308,9 +308,8 @@ TrackingUriOption = Annotated[Optional[str], typer.Option(
 
 
 def _load_checked_sweep(spec: Path):
-    """Parse, expand and check a sweep against its data sets and text encoders (SpecError)."""
+    """Parse, expand and check a sweep against its data sets (any problem: a SpecError)."""
     from orchestrator.spec import SpecError, load_sweep, parse_spec
-    from podd_engine.pipeline import create_embedder
 
     if not spec.is_file():
         raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "
@@ -332,20 +331,27 @@ def _load_checked_sweep(spec: Path):
                 raise SpecError(f"{spec}: {where}: {exc}") from None
         return loaded[name]
 
-    sweep = load_sweep(spec, dataset_info=dataset_info)
-    checked = set()
-    for trial in sweep.trials:  # PoCO's text encoder must load here, not fail in every trial
+    return load_sweep(spec, dataset_info=dataset_info)
+
+
+def _embedder_problems(sweep) -> list[str]:
+    """PoCO's text encoders must load on the driver before anything starts (missing CLIP
+    weights would otherwise fail every trial)."""
+    from podd_engine.pipeline import create_embedder
+
+    problems, checked = [], set()
+    for trial in sweep.trials:
         c = trial.config
-        if c.method == "podd" and c.order == "poco":
-            which = (c.embedder, c.clip_model, c.clip_pretrained, c.clip_weights, c.clip_mode)
-            if which not in checked:
-                checked.add(which)
-                try:
-                    create_embedder(c).embed(["check"])
-                except Exception as exc:  # missing weights: the engine's message says how
-                    raise SpecError(f"{spec}: class_order: poco with embedder {c.embedder}: "
-                                    f"{str(exc).splitlines()[0]}") from None
-    return sweep
+        which = (c.embedder, c.clip_model, c.clip_pretrained, c.clip_weights, c.clip_mode)
+        if c.method != "podd" or c.order != "poco" or which in checked:
+            continue
+        checked.add(which)
+        try:
+            create_embedder(c).embed(["check"])
+        except Exception as exc:  # the engine's message says how to provide the weights
+            problems.append(f"{sweep.source}: class_order: poco with embedder {c.embedder}: "
+                            f"{str(exc).splitlines()[0]}")
+    return problems
 
 
 def _trial_table(sweep) -> Table:
@@ -384,8 +390,13 @@ def launch_command(
 
     with user_errors():
         sweep = _load_checked_sweep(spec)
+        problems = _embedder_problems(sweep)
+        if problems and not dry_run:
+            raise SpecError(problems[0])
         resources = sweep.spec.resources
         if dry_run:
+            for problem in problems:
+                err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
             console.print(_trial_table(sweep))
             console.print(f"{len(sweep.trials)} trials, each {resources.cpu:g} CPU + "
                           f"{resources.gpu:g} GPU; at most "

@@ -30,11 +30,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 from podd_engine.config import METHODS, TrialConfig, make_config
 from podd_engine.data import ImageDataset
@@ -52,9 +52,6 @@ DEFAULT_EXPERIMENT = "podd-sweep"
 
 class SpecError(ValueError):
     """A sweep spec that cannot run; the message starts with the field path."""
-
-
-Grid = Union[str, list[int]]  # "16x6" or [16, 6]
 
 
 def _listify(value: Any) -> list:
@@ -77,65 +74,36 @@ class Resources(BaseModel):
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
 
 
+Positive = Annotated[float, Field(gt=0)]
+GridText = Annotated[str, BeforeValidator(_grid_text)]
+Method = Literal[METHODS]
+Order = Literal[ORDERINGS]
+Labels = Literal[LABEL_MODES]
+
+
+def _one_or_more(kind):
+    return Union[kind, Annotated[list[kind], Field(min_length=1)], None]
+
+
 class AxisValues(BaseModel):
     """Grid axes: each a single value or a list. Used at the top level and in `include`."""
 
     model_config = ConfigDict(extra="forbid")
-    dataset: Union[str, list[str], None] = None
-    method: Union[str, list[str], None] = None
-    ipc: Union[float, list[float], None] = None
-    patch_grid: Union[Grid, list[Grid], None] = None
-    class_order: Union[str, list[str], None] = None
-    labels: Union[str, list[str], None] = None
-    seeds: Union[int, list[int], None] = None
-
-    @field_validator("method")
-    @classmethod
-    def _methods(cls, value):
-        for v in _listify(value) if value is not None else []:
-            if v not in METHODS:
-                raise ValueError(f"must be one of {', '.join(METHODS)}, got {v!r}")
-        return value
-
-    @field_validator("class_order")
-    @classmethod
-    def _orders(cls, value):
-        for v in _listify(value) if value is not None else []:
-            if v not in ORDERINGS:
-                raise ValueError(f"must be one of {', '.join(ORDERINGS)}, got {v!r}")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value):
-        for v in _listify(value) if value is not None else []:
-            if v not in LABEL_MODES:
-                raise ValueError(f"must be one of {', '.join(LABEL_MODES)}, got {v!r}")
-        return value
-
-    @field_validator("ipc")
-    @classmethod
-    def _ipcs(cls, value):
-        for v in _listify(value) if value is not None else []:
-            if not v > 0:
-                raise ValueError(f"must be positive, got {v}")
-        return value
+    dataset: _one_or_more(str) = None
+    method: _one_or_more(Method) = None
+    ipc: _one_or_more(Positive) = None
+    patch_grid: _one_or_more(GridText) = None
+    class_order: _one_or_more(Order) = None
+    labels: _one_or_more(Labels) = None
+    seeds: _one_or_more(int) = None
 
     @field_validator("patch_grid", mode="before")
     @classmethod
-    def _grids(cls, value):
-        if value is None:
-            return None
+    def _one_grid_as_pair(cls, value):
         # [16, 6] is one grid; [[16, 6], "8x3"] or ["16x6"] are lists of grids
-        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
             return _grid_text(value)
-        return [_grid_text(v) for v in value] if isinstance(value, list) else _grid_text(value)
-
-    @field_validator("dataset", "method", "ipc", "patch_grid", "class_order", "labels", "seeds")
-    @classmethod
-    def _not_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("must not be an empty list")
         return value
 
     def given(self) -> dict[str, list]:
@@ -147,12 +115,12 @@ class SweepSpec(AxisValues):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="letters, digits, '.', '_' and '-'")
-    dataset: Union[str, list[str]]
-    ipc: Union[float, list[float]]
+    dataset: _one_or_more(str)
+    ipc: _one_or_more(Positive)
     include: list[AxisValues] = []
     preset: Union[str, None] = None
     settings: dict[str, Any] = {}
-    class_grid: Union[Grid, None] = None
+    class_grid: Union[GridText, None] = None
     order_grid: Union[list[list[int]], None] = None
     resources: Resources = Resources()
     max_concurrent: Union[int, None] = Field(None, ge=1)
@@ -171,11 +139,6 @@ class SweepSpec(AxisValues):
         if value not in (None, "paper", "cpu-small"):
             raise ValueError(f"must be paper or cpu-small, got {value!r}")
         return value
-
-    @field_validator("class_grid", mode="before")
-    @classmethod
-    def _class_grid(cls, value):
-        return None if value is None else _grid_text(value)
 
     @field_validator("settings")
     @classmethod
@@ -279,8 +242,13 @@ def _location(loc: tuple) -> str:
 
 
 def _pydantic_message(error: ValidationError, source: str) -> str:
-    # of the union branches pydantic tried, the one that got deepest says the most
-    first = max(error.errors(), key=lambda e: len(e["loc"]))
+    # of the union branches pydantic tried (value or list), the one that got deepest says the
+    # most; at equal depth, the branch of the input's own shape
+    def relevance(e: dict) -> float:
+        list_branch = any(isinstance(p, str) and p.startswith("list[") for p in e["loc"])
+        return len(e["loc"]) + 0.5 * (list_branch == isinstance(e.get("input"), list))
+
+    first = max(error.errors(), key=relevance)
     path = _location(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -337,10 +305,14 @@ def _combinations(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, str]]
 def _blame(message: str, origin: dict[str, str], chosen: dict[str, Any]) -> str:
     """The spec path most likely responsible for an engine error message."""
     lowered = message.lower()
+    mentioned = []  # (position in the message, axis): the first one named is the culprit
     for axis, field_name in AXES.items():
         for word in {axis, field_name}:
-            if re.search(rf"\b{re.escape(word)}\b", lowered) and axis in origin:
-                return origin[axis]
+            found = re.search(rf"\b{re.escape(word)}\b", lowered)
+            if found and axis in origin:
+                mentioned.append((found.start(), axis))
+    if mentioned:
+        return origin[min(mentioned)[1]]
     if "class_grid" in lowered:
         return "class_grid"
     for setting in ("window", "steps", "total_inner_steps", "eval_steps", "clip_coef"):

@@ -121,8 +121,13 @@ class SweepRecorder:
                       PARENT_TAG: self.parent_id, "podd.method": trial.config.method,
                       "podd.dataset": trial.config.dataset})
             run_id = self.runs[trial.key] = run.info.run_id
-        else:
+        else:  # a retry or a resumed sweep: the run is live again, its old error is history
             self.client.update_run(run_id, status="RUNNING")
+            self.failed.pop(trial.key, None)
+            tags = self.client.get_run(run_id).data.tags
+            if ERROR_TAG in tags:
+                self.client.set_tag(run_id, "podd.last_error", tags[ERROR_TAG])
+                self.client.delete_tag(run_id, ERROR_TAG)
         config = trial.config.to_dict()
         self._log_params(run_id, {**{k: v for k, v in config.items() if v is not None},
                                   "trial_key": trial.key})

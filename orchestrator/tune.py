@@ -240,7 +240,8 @@ def make_trainable(faults: FaultPlan):
             result = distill(config, on_start=session.start, on_step=session.step,
                              on_eval=session.evaluated, resume=resume)
         except NonFiniteError as exc:  # retrying would diverge again: stop with the reason
-            tune.report({EVENT: "diverged", "step": session.last_step, "error": str(exc)})
+            tune.report({EVENT: "diverged", "step": session.last_step,
+                         "error": f"diverged, stopped: {exc}"})
             return
         session.finish(result)
 
