@@ -191,7 +191,7 @@ class TrialSession:
             summary = json.loads((folder / ARTIFACT_DIR / "poster.json").read_text())
             metrics = {EVENT: "final", "step": self.final_step,
                        **_eval_metrics(self.final_eval or result.evaluation),
-                       "seconds": summary["metrics"].get("seconds", 0.0)}
+                       "trial_seconds": summary["metrics"].get("seconds", 0.0)}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -206,7 +206,7 @@ def _final_metrics_from(folder: Path) -> dict | None:
         return None
     metrics = json.loads(meta.read_text())["metrics"]
     step = json.loads((folder / PROGRESS_FILE).read_text())["step"]
-    return {EVENT: "final", "step": step, "seconds": metrics.get("seconds", 0.0),
+    return {EVENT: "final", "step": step, "trial_seconds": metrics.get("seconds", 0.0),
             **{k: v for k, v in metrics.items() if k.startswith("test_accuracy")}}
 
 
@@ -335,6 +335,9 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     if can_restore:
         _check_resumable(sweep, experiment_dir, uri)
 
+    # Tune snapshots its experiment state whenever a trial has written num_to_keep checkpoints
+    # (that is what makes resume exact) and warns when short trials do so often: expected here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS"),
@@ -370,7 +373,10 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(list(payloads))},
+                # a worker process runs trial after trial: torch and the engine are imported,
+                # and the data set mapped, once per slot rather than once per trial
                 tune_config=tune.TuneConfig(max_concurrent_trials=sweep.spec.max_concurrent,
+                                            reuse_actors=True,
                                             trial_name_creator=names,
                                             trial_dirname_creator=names),
                 run_config=tune.RunConfig(

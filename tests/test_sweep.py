@@ -179,3 +179,46 @@ def test_status_lists_trials_by_state(tmp_path):
     no_store = runner.invoke(app, ["status", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])
     assert no_store.exit_code == 2 and "no MLflow store at" in no_store.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_ui_serves_the_sweep_runs_and_poster(tmp_path):
+    """`podd-sweep ui` starts the MLflow UI on the store: its API lists the sweep's runs and
+    serves a trial's poster PNG."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    launch(sweep_of(write_spec(tmp_path, "shown", "ipc: 1.0\n")), verbose=0)
+    client, parent, trials = runs_of(tmp_path, "shown")
+    (run,) = trials.values()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = Path(sys.executable).with_name("podd-sweep")
+    server = subprocess.Popen([str(cli), "ui", "--port", str(port), "--tracking-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        page = urllib.request.urlopen(base + "/", timeout=10).read()
+        assert b"<html" in page.lower()
+        request = urllib.request.Request(
+            base + "/api/2.0/mlflow/runs/search", method="POST",
+            data=json.dumps({"experiment_ids": [run.info.experiment_id]}).encode(),
+            headers={"Content-Type": "application/json"})
+        listed = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
+        assert {r["info"]["run_id"] for r in listed} == {run.info.run_id, parent[0].info.run_id}
+        png = urllib.request.urlopen(
+            f"{base}/get-artifact?path=poster.png&run_uuid={run.info.run_id}", timeout=10).read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
