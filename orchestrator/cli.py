@@ -50,7 +50,7 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one line on stderr and exit code 2."""
     try:
         yield
-    except (data.DatasetError, ValueError, FileNotFoundError) as exc:  # SpecError is a ValueError
+    except (data.DatasetError, ValueError, FileNotFoundError) as exc:  # SpecError, ReportError too
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
@@ -489,6 +489,120 @@ def ui_command(
     err_console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host,
                       "--port", str(port)])
+
+
+@app.command("report")
+def report_command(
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        help="Data set(s) to report on, by benchmark name (cifar10 also covers a Parquet copy "
+             "of it) or as the sweep wrote it [default: every data set in the store]")] = None,
+    tracking_uri: TrackingUriOption = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
+    sweep: Annotated[Optional[str], typer.Option(help="Only the runs of this sweep.")] = None,
+    baseline: Annotated[str, typer.Option(
+        help="measured (rat-bptt 1-IPC runs in the store) | paper (the paper's Table 2) | a "
+             "number in % [default: measured when present, else paper]")] = "auto",
+    criterion: Annotated[str, typer.Option(
+        help="beats (mean >= baseline) | comparable (within one baseline std)")] = "beats",
+    output_format: Annotated[str, typer.Option(
+        "--format", help="table | json | csv | parquet")] = "table",
+    output: Annotated[Optional[Path], typer.Option(help="File for json/csv/parquet.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Accuracy-vs-IPC PNG (per data set: NAME.png appended when several); also logged "
+             "to the sweep's parent MLflow run.")] = None,
+) -> None:
+    """The lowest IPC whose PoDD posters beat the 1-IPC RaT-BPTT baseline, per data set."""
+    from orchestrator import report as rp
+
+    with user_errors():
+        if output_format not in ("table", "json", "csv", "parquet"):
+            raise ValueError(f"--format must be table, json, csv or parquet, got {output_format!r}")
+        if output_format in ("csv", "parquet") and output is None:
+            raise ValueError(f"--format {output_format} writes a file: add --output FILE")
+        gathered = rp.gather_runs(tracking_uri, experiment, sweep)
+        names = dataset or rp.datasets_in(gathered.runs)
+        if not names:
+            raise rp.ReportError(f"no finished trial runs in experiment {experiment!r} yet"
+                                 + (f" ({gathered.running} still running)"
+                                    if gathered.running else "")
+                                 + ": launch a sweep first")
+        reports = [rp.build_report(gathered, name, baseline=baseline, criterion=criterion)
+                   for name in names]
+        plots = {}
+        if plot is not None:
+            for r in reports:
+                path = plot if len(reports) == 1 else plot.with_name(
+                    f"{plot.stem}-{r.dataset.replace(':', '_').replace('/', '_')}{plot.suffix}")
+                plots[r.dataset] = rp.plot_report(r, path)
+                rp.log_plot_to_sweeps(tracking_uri, experiment, r, path)
+    if gathered.running:
+        err_console.print(f"note: {gathered.running} trial run(s) still RUNNING are left out; "
+                          f"report again when they finish")
+    if gathered.unusable:
+        err_console.print(f"note: {gathered.unusable} finished run(s) lack test accuracy or "
+                          f"poster facts and are left out")
+    if output_format == "table":
+        for r in reports:
+            console.print(_report_table(r, rp))
+            console.print(f"[bold]verdict:[/] {r.verdict.message}", highlight=False)
+    else:
+        _write_report(reports, output_format, output, rp)
+    for name, path in plots.items():
+        err_console.print(f"plot for {name}: {path}")
+    if any(r.verdict.lowest_ipc is None for r in reports):
+        raise typer.Exit(1)
+
+
+def _report_table(r, rp) -> Table:
+    b = r.baseline
+    table = Table(title=f"{r.dataset}: PoDD vs RaT-BPTT 1 IPC = "
+                        f"{rp.fmt_accuracy(b.accuracy, b.std if b.std else None)} % ({b.source}); "
+                        f"criterion: {r.criterion}", title_justify="left")
+    for column in ("method", "IPC", "achieved", "by bytes", "config", "accuracy %", "runs",
+                   "Δ baseline", "pass", "run ids"):
+        table.add_column(column, justify="right" if column in (
+            "IPC", "achieved", "by bytes", "accuracy %", "runs", "Δ baseline") else "left")
+    best = {(x.ipc, tuple(x.run_ids)) for x in r.verdict.per_ipc}
+    threshold = b.accuracy - (b.std if r.criterion == "comparable" else 0.0)
+    for row in r.groups.to_pylist():
+        podd = row["method"] == "podd"
+        is_best = podd and (row["ipc"], tuple(row["run_ids"])) in best
+        if row["runs"] < rp.MIN_RUNS:
+            verdict = "too few runs"
+        else:
+            verdict = "pass" if row["accuracy"] >= threshold else "fail"
+        config = (f"{row['patch_grid']} {row['order']} {row['labels']}" if podd
+                  else row["labels"] or "-")
+        table.add_row(row["method"], f"{row['ipc']:g}", f"{row['achieved_ipc']:.3f}",
+                      f"{row['ipc_by_bytes']:.3f}", config + (" *" if is_best else ""),
+                      rp.fmt_accuracy(row["accuracy"], row["accuracy_std"]), str(row["runs"]),
+                      f"{100 * (row['accuracy'] - b.accuracy):+.2f}",
+                      verdict if podd else "", " ".join(i[:8] for i in row["run_ids"]))
+    table.caption = "* the best configuration at that IPC (the one the verdict uses)"
+    return table
+
+
+def _write_report(reports, output_format: str, output: Optional[Path], rp) -> None:
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    from podd_engine.fileio import atomic_write, atomic_write_bytes
+
+    if output_format == "json":
+        text = json.dumps({"datasets": [r.to_dict() for r in reports]}, indent=2, default=str)
+        if output is None:
+            print(text)
+        else:
+            atomic_write_bytes(text.encode(), output)
+        return
+    table = pa.concat_tables([rp.groups_with_verdict(r) for r in reports],
+                             promote_options="default")
+    if output_format == "csv":
+        atomic_write(output, lambda tmp: pa.csv.write_csv(table, tmp))
+    else:
+        atomic_write(output, lambda tmp: pa.parquet.write_table(table, tmp))
+    err_console.print(f"wrote {table.num_rows} rows to {output}")
 
 
 if __name__ == "__main__":

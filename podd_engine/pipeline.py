@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from podd_engine.config import TrialConfig, default_class_grid
+from podd_engine.config import TrialConfig, default_class_grid, paper_preset_name
 from podd_engine.data import ImageDataset, create_dataset
 from podd_engine.evaluate import EvalResult, evaluate_synthetic
 from podd_engine.labels import PosterLabels, create_labels
@@ -60,6 +60,9 @@ class Trial:
     def summary(self) -> dict:
         """What the trial is, once built: geometry, labels, class order and its embedder."""
         return {"method": self.config.method, "dataset": self.dataset.name,
+                "dataset_family": dataset_family(self.dataset),
+                "num_classes": self.dataset.num_classes, "channels": self.dataset.channels,
+                "image_size": "x".join(map(str, self.dataset.image_size)),
                 "requested_ipc": self.config.ipc, **self.geometry.summary(),
                 "label_mode": self.labels.mode, "label_parameters": self.labels.num_parameters,
                 **self.ordering.summary(), "config_key": self.config.key()}
@@ -90,6 +93,15 @@ class DistillResult:
         if self.evaluation is not None:
             out.update({k: v for k, v in self.evaluation.summary().items() if k != "per_model"})
         return out
+
+
+def dataset_family(dataset: ImageDataset) -> str:
+    """The benchmark a data set is (a Parquet copy of CIFAR-10 is cifar10), for comparing runs
+    and looking up reference results; else its own name."""
+    try:
+        return paper_preset_name(dataset.name, dataset.num_classes, dataset.image_size)
+    except ValueError:
+        return dataset.name
 
 
 def build_geometry(config: TrialConfig, dataset: ImageDataset) -> PosterGeometry:
