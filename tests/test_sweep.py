@@ -165,14 +165,23 @@ def test_changed_spec_under_the_same_name_is_refused(tmp_path):
     assert "sweep 'same' already exists" in result.stderr and "new name" in result.stderr
 
 
-def test_status_lists_trials_by_state(tmp_path):
-    spec = write_spec(tmp_path, "watch", "ipc: 1.0\nseeds: [0, 1]\n")
+def test_status_and_report_read_a_real_sweep(tmp_path):
+    spec = write_spec(tmp_path, "watch", "ipc: 1.0\nseeds: [0, 1]\n"
+                                         "include:\n  - {method: rat-bptt}\n")
     launch(sweep_of(spec), verbose=0)
-    result = runner.invoke(app, ["status", "watch", "--tracking-uri",
-                                 f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["status", "watch", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
-    assert "sweep watch (finished): 2 finished" in result.output
-    assert result.output.count("FINISHED") == 2 and "%" in result.output
+    assert "sweep watch (finished): 4 finished" in result.output
+    assert result.output.count("FINISHED") == 4 and "%" in result.output
+    report = runner.invoke(app, ["report", "--dataset", "digits", "--tracking-uri", uri,
+                                 "--format", "json"])
+    assert report.exit_code in (0, 1), report.output  # a verdict either way
+    (data,) = json.loads(report.stdout)["datasets"]
+    assert data["baseline"]["source"].startswith("measured: 2 rat-bptt 1-IPC run(s)")
+    assert [r["ipc"] for r in data["verdict"]["per_ipc"]] == [1.0]
+    assert {r["method"] for r in data["runs"]} == {"podd", "rat-bptt"}
+    assert all(0 < r["test_accuracy"] <= 1 and r["ipc_by_bytes"] > 0.99 for r in data["runs"])
     missing = runner.invoke(app, ["status", "nope", "--tracking-uri",
                                   f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert missing.exit_code == 2 and "known sweeps are watch" in missing.stderr
