@@ -54,7 +54,13 @@ def main() -> None:
     p.add_argument("--unroll", default="recompute", choices=["recompute", "store"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--malloc-tuning", action="store_true",
+                   help="apply podd_engine.allocator.tune_glibc_malloc() in-process (what the "
+                        "CLI and sweep trials do) instead of relying on MALLOC_* variables")
     args = p.parse_args()
+    if args.malloc_tuning:
+        from podd_engine.allocator import tune_glibc_malloc
+        assert tune_glibc_malloc(), "glibc malloc tuning could not be applied"
 
     trial = paper_trial(args, labels=args.labels, real_chunk=args.real_chunk, unroll=args.unroll,
                         precision=args.precision, device=args.device)

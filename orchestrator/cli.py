@@ -233,10 +233,12 @@ def distill_command(
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Distil a data set into one poster, evaluate it, and save the artifact (tensors, JSON, PNG)."""
+    from podd_engine.allocator import tune_glibc_malloc
     from podd_engine.config import make_config
     from podd_engine.pipeline import distill, save_result
     from podd_engine.rat_bptt import NonFiniteError
 
+    tune_glibc_malloc()
     with user_errors():
         ds = data.create_dataset(dataset, data_root=data_root, cache_dir=cache_dir)
         options = dict(
@@ -281,9 +283,11 @@ def evaluate_command(
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Re-run the evaluation protocol on a saved poster."""
+    from podd_engine.allocator import tune_glibc_malloc
     from podd_engine.artifact import load_artifact
     from podd_engine.pipeline import evaluate_artifact
 
+    tune_glibc_malloc()
     with user_errors():
         saved = load_artifact(artifact)
         count = models or saved.config.eval_models

@@ -32,7 +32,8 @@ TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 # What a trial reports (orchestrator.tune) and how it is recorded.
 STEP_METRICS = ("loss", "real_accuracy", "grad_norm", "seconds_per_step",
-                "trial_seconds")  # the engine's own time for the whole trial (final report)
+                "trial_seconds",     # the engine's own time for the whole trial (final report)
+                "started_at_step")   # the step a trial (re)started from: 0, or its checkpoint
 EVENT = "podd_event"  # setup | step | checkpoint | eval | final | diverged
 INFO = "podd_info"    # trial facts known once the trial is built (logged as params)
 POSTER_PNG = "poster.png"

@@ -148,8 +148,11 @@ class TrialSession:
         info["class_order"] = json.dumps(info["class_order"])
         # the text encoder PoCO actually used ("none" when the ordering needed none)
         info["embedder_used"] = info.pop("order_embedder", None) or "none"
+        info["node_id"] = _node_id()
         self.faults.maybe_fail(self.name, 0)
-        self._report({EVENT: "setup", "step": self.last_step, INFO: info})
+        # started_at_step: 0 for a fresh trial, the checkpoint's step for a resumed one
+        self._report({EVENT: "setup", "step": self.last_step, INFO: info,
+                      "started_at_step": self.last_step})
 
     def step(self, metrics, distiller) -> None:
         self.last_step = metrics.step
@@ -195,6 +198,15 @@ class TrialSession:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
+def _node_id() -> str:
+    """The Ray node this trial runs on (which machine of a cluster)."""
+    import ray
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # not in a Ray worker (an engine test)
+        return "local"
+
+
 def _eval_metrics(result) -> dict[str, float]:
     return {k: v for k, v in result.summary().items() if k.startswith("test_accuracy")}
 
@@ -220,6 +232,9 @@ def make_trainable(faults: FaultPlan):
         from podd_engine.pipeline import distill
         from podd_engine.rat_bptt import NonFiniteError
 
+        from podd_engine.allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()  # trials are long training loops (podd_engine/allocator.py)
         payload = payloads[params["trial"]]
         if Path(payload["workdir"]).is_dir():  # relative data paths mean the driver's folder
             os.chdir(payload["workdir"])

@@ -1,0 +1,428 @@
+"""Reliability drills for `podd-sweep launch`: each runs a real sweep of tiny trials (digits),
+does something bad to it, checks that nothing computed was lost and nothing recorded twice,
+and appends its result to docs/results/reliability.jsonl (docs/reliability.md explains them).
+
+    python scripts/reliability.py killed-driver   # kill -9 the driver mid-sweep, run it again
+    python scripts/reliability.py ctrl-c          # SIGINT mid-sweep, run it again
+    python scripts/reliability.py crash           # an error, an OOM and a NaN in three trials
+    python scripts/reliability.py cluster         # ray start head + worker; kill the worker
+    python scripts/reliability.py mlflow-server   # a tracking server + a headless browser
+    python scripts/reliability.py load --trials 200
+
+Every drill prints what it checked; the exit code is 0 only when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "reliability.jsonl"
+CLI = str(Path(sys.executable).with_name("podd-sweep"))
+
+ENGINE = ("{width: 8, steps: %(steps)d, total_inner_steps: 4, window: 2, distill_batch: 16, "
+          "real_batch: 64, real_chunk: 64, eval_models: 1, eval_steps: [20]}")
+
+
+def write_spec(folder: Path, name: str, *, seeds: int = 2, ipcs=(0.5, 1.0), steps: int = 60,
+               checkpoint_every: int = 10, extra: str = "", tracking_uri: str | None = None,
+               cpu: float = 1) -> Path:
+    spec = folder / f"{name}.yaml"
+    spec.write_text(
+        f"name: {name}\ndataset: digits\nmethod: podd\nipc: {list(ipcs)}\npatch_grid: 4x2\n"
+        f"class_order: identity\nseeds: {list(range(seeds))}\n"
+        f"settings: {ENGINE % {'steps': steps}}\n"
+        f"resources: {{cpu: {cpu}}}\nmax_concurrent: 2\nmax_failures: 1\n"
+        f"checkpoint_every: {checkpoint_every}\nlog_every: 5\nstorage: {folder / 'ray'}\n"
+        f"tracking_uri: {tracking_uri or 'sqlite:///' + str(folder / 'mlflow.db')}\n" + extra)
+    return spec
+
+
+def start_launch(spec: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    log = open(spec.with_suffix(".log"), "ab")
+    return subprocess.Popen([CLI, "launch", str(spec), "--quiet", *args], cwd=spec.parent,
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def run_launch(spec: Path, *args: str, timeout: float = 900, env: dict | None = None) -> int:
+    return start_launch(spec, *args, env=env).wait(timeout=timeout)
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(uri)
+
+
+def trial_runs(uri: str, sweep: str) -> list:
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name("podd-sweep")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`podd.sweep` = '{sweep}' and tags.`podd.role` = 'trial'")
+
+
+def loss_steps(uri: str, run) -> list[int]:
+    return [m.step for m in client_for(uri).get_metric_history(run.info.run_id, "loss")]
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Checks:
+    def __init__(self, drill: str):
+        self.drill = drill
+        self.results: list[dict] = []
+        self.facts: dict = {}
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.results.append({"check": name, "ok": bool(ok), "detail": detail})
+        print(f"  [{'ok' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail else ""))
+
+    def record(self, command: str) -> bool:
+        passed = all(r["ok"] for r in self.results)
+        entry = {"drill": self.drill, "passed": passed,
+                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
+                 "command": command, "facts": self.facts, "checks": self.results}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(f"{self.drill}: {'PASSED' if passed else 'FAILED'} -> {RESULTS}")
+        return passed
+
+
+def common_end_checks(checks: Checks, uri: str, sweep: str, expected_trials: int,
+                      expect_status: str = "FINISHED") -> list:
+    runs = trial_runs(uri, sweep)
+    keys = [r.data.tags["podd.trial_key"] for r in runs]
+    checks.check("one MLflow run per trial", len(runs) == expected_trials == len(set(keys)),
+                 f"{len(runs)} runs, {len(set(keys))} keys, {expected_trials} trials")
+    statuses = sorted({r.info.status for r in runs})
+    checks.check(f"every run {expect_status}", statuses == [expect_status], f"{statuses}")
+    duplicated = [r.info.run_name for r in runs
+                  if len(loss_steps(uri, r)) != len(set(loss_steps(uri, r)))]
+    checks.check("no metric step recorded twice", not duplicated, f"{duplicated}")
+    return runs
+
+
+# ----------------------------------------------------------------------------- drills
+
+def drill_interrupt(kind: str) -> bool:
+    """kill -9 (killed-driver) or SIGINT (ctrl-c) the driver while some trials are finished and
+    others are mid-way, then run the same command again."""
+    checks = Checks(kind)
+    folder = Path(tempfile.mkdtemp(prefix=f"podd-{kind}-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    spec = write_spec(folder, kind, seeds=3, steps=150, checkpoint_every=10)
+    process = start_launch(spec)
+
+    def midway():
+        runs = trial_runs(uri, kind)
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING" and
+                   max(loss_steps(uri, r), default=0) >= 25]
+        return (finished, running) if finished and running else None
+
+    finished, running = wait_until(midway, 600, "a finished trial and one past step 25")
+    before = {r.info.run_id: r.info.end_time for r in finished}
+    if kind == "killed-driver":
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        checks.check("driver killed with SIGKILL", process.returncode == -signal.SIGKILL)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=300)
+        checks.check("first Ctrl-C stops gracefully with exit code 130", code == 130,
+                     f"exit code {code}")
+        after_stop = trial_runs(uri, kind)
+        left_running = [r.info.run_name for r in after_stop if r.info.status == "RUNNING"]
+        checks.check("no run left RUNNING after Ctrl-C", not left_running, f"{left_running}")
+        killed = [r.info.run_name for r in after_stop if r.info.status == "KILLED"]
+        checks.check("interrupted runs marked KILLED", len(killed) >= 1, f"{len(killed)} KILLED")
+    steps_at_stop = {r.info.run_id: max(loss_steps(uri, r), default=0)
+                     for r in trial_runs(uri, kind) if r.info.status != "FINISHED"}
+    time.sleep(3)  # a killed driver's local Ray notices that it is gone
+    started = time.time()
+    code = run_launch(spec)
+    checks.facts.update(resume_wall_s=round(time.time() - started, 1),
+                        steps_at_stop=list(steps_at_stop.values()))
+    checks.check("the same command resumes and finishes (exit 0)", code == 0, f"exit code {code}")
+    runs = common_end_checks(checks, uri, kind, 6)
+    by_id = {r.info.run_id: r for r in runs}
+    checks.check("trials finished before the stop were not rerun",
+                 all(by_id[i].info.end_time == t for i, t in before.items() if i in by_id),
+                 f"{len(before)} finished before")
+    client = client_for(uri)
+    for run_id, step in steps_at_stop.items():
+        starts = [m.step for m in client.get_metric_history(run_id, "started_at_step")]
+        resumed_from = max(starts, default=0)
+        checks.check(f"{by_id[run_id].info.run_name} resumed from its checkpoint",
+                     step - resumed_from < 10 + 5 and resumed_from > 0,
+                     f"{step} steps logged at the stop, resumed at step {resumed_from}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return checks.record(f"python scripts/reliability.py {kind}")
+
+
+def drill_crash() -> bool:
+    """An engine error (retried, recovers), an out-of-memory (retried, fails for good) and a NaN
+    (stops at once) in three trials; the fourth carries on."""
+    checks = Checks("crash")
+    folder = Path(tempfile.mkdtemp(prefix="podd-crash-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    spec = write_spec(folder, "crash", seeds=2, steps=30)
+    faults = folder / "faults.json"
+    faults.write_text(json.dumps([
+        {"trial": "ipc0.5-4x2-identity-fixed-s0", "step": 15, "kind": "error", "times": 1},
+        {"trial": "ipc0.5-4x2-identity-fixed-s1", "step": 15, "kind": "oom", "times": 99},
+        {"trial": "ipc1-4x2-identity-fixed-s0", "step": 12, "kind": "nan", "times": 99}]))
+    code = run_launch(spec, env={"PODD_SWEEP_FAULTS": str(faults)})
+    log = spec.with_suffix(".log").read_text()
+    checks.check("launch exits non-zero", code == 1, f"exit code {code}")
+    checks.check("summary names what failed", "2 trial(s) failed" in log
+                 and "injected out-of-memory" in log and "diverged, stopped" in log)
+    runs = {r.info.run_name: r for r in trial_runs(uri, "crash")}
+    by = {name.split("-")[3] + "-" + name.split("-")[-2]: r for name, r in runs.items()}
+    error, oom, nan, clean = by["ipc0.5-s0"], by["ipc0.5-s1"], by["ipc1-s0"], by["ipc1-s1"]
+    checks.check("engine error: retried from its checkpoint and finished",
+                 error.info.status == "FINISHED" and error.data.tags.get("podd.retries") == "1"
+                 and loss_steps(uri, error) == sorted(set(loss_steps(uri, error))),
+                 f"{error.info.status}, retries {error.data.tags.get('podd.retries')}")
+    checks.check("out-of-memory: retried max_failures times, then FAILED with the error",
+                 oom.info.status == "FAILED" and oom.data.tags.get("podd.retries") == "1"
+                 and "injected out-of-memory" in oom.data.tags.get("podd.error", ""),
+                 oom.data.tags.get("podd.error", ""))
+    checks.check("NaN: stopped at once (no retry, no evaluation) and FAILED with the reason",
+                 nan.info.status == "FAILED" and "podd.retries" not in nan.data.tags
+                 and "not finite" in nan.data.tags.get("podd.error", "")
+                 and "test_accuracy" not in nan.data.metrics,
+                 nan.data.tags.get("podd.error", ""))
+    checks.check("the other trial carried on", clean.info.status == "FINISHED")
+    shutil.rmtree(folder, ignore_errors=True)
+    return checks.record("python scripts/reliability.py crash")
+
+
+def drill_cluster() -> bool:
+    """A head node and a worker node started with `ray start` (1 CPU each); the sweep runs on
+    both; the worker is killed mid-sweep; its trials are rescheduled and finish."""
+    checks = Checks("cluster")
+    folder = Path(tempfile.mkdtemp(prefix="podd-cluster-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    head = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
+                           "--include-dashboard=false", "--disable-usage-stats"],
+                          capture_output=True, text=True, env=env)
+    checks.check("ray start --head", head.returncode == 0, head.stderr[-300:])
+    address = f"127.0.0.1:{port}"
+    worker_dir = folder / "worker-tmp"
+    worker = subprocess.run([ray, "start", f"--address={address}", "--num-cpus=1",
+                             f"--temp-dir={worker_dir}", "--disable-usage-stats"],
+                            capture_output=True, text=True, env=env)
+    checks.check("ray start --address (worker node)", worker.returncode == 0,
+                 worker.stderr[-300:])
+    try:
+        spec = write_spec(folder, "cluster", seeds=4, steps=80, checkpoint_every=10,
+                          extra="max_failures: 3\n")
+        process = start_launch(spec, "--address", address)
+        nodes_seen = wait_until(lambda: _nodes_of(uri, "cluster") if len(
+            _nodes_of(uri, "cluster")) >= 2 else None, 300, "trials on two nodes")
+        checks.check("trials placed on both nodes", len(nodes_seen) >= 2, f"{sorted(nodes_seen)}")
+        # kill the worker node's raylet (the node dies; its trials must move)
+        raylets = [p for p in _processes("raylet") if str(worker_dir) in p[1]]
+        for pid, _ in raylets:
+            os.kill(pid, signal.SIGKILL)
+        checks.check("worker node killed mid-sweep", bool(raylets), f"{len(raylets)} raylet")
+        code = process.wait(timeout=900)
+        checks.check("the sweep completes (exit 0)", code == 0, f"exit code {code}")
+        runs = common_end_checks(checks, uri, "cluster", 8)
+        retried = [r.info.run_name for r in runs if "podd.retries" in r.data.tags]
+        checks.facts.update(nodes=sorted(nodes_seen), retried=retried)
+        checks.check("trials of the dead node were rescheduled", len(retried) >= 1, f"{retried}")
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+    shutil.rmtree(folder, ignore_errors=True)
+    return checks.record("python scripts/reliability.py cluster")
+
+
+def _nodes_of(uri: str, sweep: str) -> set[str]:
+    return {r.data.params["node_id"][:12] for r in trial_runs(uri, sweep)
+            if "node_id" in r.data.params}
+
+
+def _processes(name: str) -> list[tuple[int, str]]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if name in cmd.split(" ")[0]:
+                out.append((int(entry.name), cmd))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drill_mlflow_server(screenshots: Path) -> bool:
+    """`mlflow server` (sqlite backend, served artifacts) on a loopback port; a sweep logs to it
+    with --tracking-uri http://...; headless Chromium opens the UI, the sweep's runs, the
+    compare view and a poster image, and saves screenshots that must not be blank."""
+    checks = Checks("mlflow-server")
+    folder = Path(tempfile.mkdtemp(prefix="podd-server-"))
+    port = free_port()
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        [mlflow, "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _http_ok(uri + "/health"), 120, "the MLflow server")
+        spec = write_spec(folder, "served", seeds=1, steps=12, checkpoint_every=4)
+        code = run_launch(spec, "--tracking-uri", uri)
+        checks.check("sweep logged to the tracking server (exit 0)", code == 0, f"exit {code}")
+        runs = common_end_checks(checks, uri, "served", 2)
+        screenshots.mkdir(parents=True, exist_ok=True)
+        shots = browse_ui(uri, runs, screenshots)
+        for name, path in shots.items():
+            checks.check(f"screenshot '{name}' is not blank", _not_blank(path), str(path))
+        checks.facts["screenshots"] = {k: str(v.relative_to(ROOT)) if v.is_relative_to(ROOT)
+                                       else str(v) for k, v in shots.items()}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+    return checks.record("python scripts/reliability.py mlflow-server")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def browse_ui(uri: str, runs: list, folder: Path) -> dict[str, Path]:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver")
+                                      or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    wait = WebDriverWait(driver, 60)
+    experiment_id = runs[0].info.experiment_id
+    shots = {}
+    try:
+        def shot(name: str, url: str, text: str) -> None:
+            driver.get(url)
+            wait.until(expected_conditions.presence_of_element_located(
+                (By.XPATH, f"//*[contains(text(), '{text}')]")))
+            time.sleep(2)  # let the page finish drawing
+            shots[name] = folder / f"mlflow-{name}.png"
+            driver.save_screenshot(str(shots[name]))
+
+        shot("runs", f"{uri}/#/experiments/{experiment_id}", runs[0].info.run_name[:20])
+        ids = json.dumps([r.info.run_id for r in runs])
+        shot("compare", f"{uri}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]",
+             "achieved_ipc")
+        run = runs[0]
+        shot("poster", f"{uri}/#/experiments/{experiment_id}/runs/{run.info.run_id}"
+                       f"/artifacts/poster.png", "poster.png")
+    finally:
+        driver.quit()
+    return shots
+
+
+def _not_blank(path: Path) -> bool:
+    from PIL import Image, ImageStat
+    with Image.open(path) as image:
+        stat = ImageStat.Stat(image.convert("L"))
+    return path.exists() and stat.stddev[0] > 5  # a blank page is one flat colour
+
+
+def drill_load(trials: int) -> bool:
+    """`trials` tiny trials, 2 at a time: every one recorded once, `report` works on them."""
+    import resource
+    checks = Checks("load")
+    folder = Path(tempfile.mkdtemp(prefix="podd-load-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    spec = write_spec(folder, "load", seeds=trials // 2, steps=2, checkpoint_every=2,
+                      extra="include:\n  - {method: rat-bptt, ipc: 1, seeds: [0, 1]}\n")
+    started = time.time()
+    code = run_launch(spec, timeout=3600)
+    wall = time.time() - started
+    driver_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    checks.check("launch exits 0", code == 0, f"exit code {code}")
+    runs = common_end_checks(checks, uri, "load", trials + 2)
+    report = subprocess.run([CLI, "report", "--tracking-uri", uri, "--format", "json"],
+                            capture_output=True, text=True, cwd=folder)
+    verdict = json.loads(report.stdout)["datasets"][0]["verdict"] if report.stdout else {}
+    checks.check("report works on it", report.returncode in (0, 1) and "message" in verdict,
+                 verdict.get("message", report.stderr[-200:]))
+    checks.facts.update(trials=len(runs), wall_s=round(wall, 1),
+                        s_per_trial=round(wall / max(1, len(runs)), 2),
+                        driver_peak_rss_gib=round(driver_rss, 2))
+    shutil.rmtree(folder, ignore_errors=True)
+    return checks.record(f"python scripts/reliability.py load --trials {trials}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("drill", choices=["killed-driver", "ctrl-c", "crash", "cluster",
+                                          "mlflow-server", "load"])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--screenshots", type=Path, default=ROOT / "docs" / "images")
+    args = parser.parse_args()
+    os.environ.pop("RAY_ADDRESS", None)
+    if args.drill in ("killed-driver", "ctrl-c"):
+        ok = drill_interrupt(args.drill)
+    elif args.drill == "crash":
+        ok = drill_crash()
+    elif args.drill == "cluster":
+        ok = drill_cluster()
+    elif args.drill == "mlflow-server":
+        ok = drill_mlflow_server(args.screenshots)
+    else:
+        ok = drill_load(args.trials)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
