@@ -211,6 +211,28 @@ def _eval_metrics(result) -> dict[str, float]:
     return {k: v for k, v in result.summary().items() if k.startswith("test_accuracy")}
 
 
+def newest_checkpoint(trial_storage: Path) -> Path | None:
+    """The trial's most advanced intact checkpoint in its storage folder.
+
+    Tune restores a trial from the checkpoint its last experiment snapshot recorded; after a
+    killed driver that can be a few checkpoints behind the newest one persisted, which would
+    redo those steps. Every checkpoint records its step (and its state's sha256), so the newest
+    intact one is found directly; damaged or half-copied ones are skipped."""
+    best, best_step = None, -1
+    for folder in sorted(trial_storage.glob("checkpoint_*")) if trial_storage.is_dir() else []:
+        try:
+            step = int(json.loads((folder / PROGRESS_FILE).read_text())["step"])
+            if (folder / ARTIFACT_DIR / "poster.json").exists():
+                step += 1  # the final checkpoint outranks a state saved at the same step
+            else:
+                read_checkpoint_state(folder)  # raises when damaged
+        except Exception:
+            continue
+        if step > best_step:
+            best, best_step = folder, step
+    return best
+
+
 def _final_metrics_from(folder: Path) -> dict | None:
     """A checkpoint that already holds the final artifact: the trial had finished."""
     meta = folder / ARTIFACT_DIR / "poster.json"
@@ -243,14 +265,21 @@ def make_trainable(faults: FaultPlan):
         session = TrialSession(payload, faults)
         resume = None
         checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
+        newest = newest_checkpoint(Path(payload["trial_storage"]))
+        if newest is not None:  # newer than Tune's record after a killed driver
+            finished = _final_metrics_from(newest)
+            if finished is not None:  # restored after it had finished: say so again
+                tune.report(finished)
+                return
+            resume = read_checkpoint_state(newest)
+        elif checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 finished = _final_metrics_from(Path(folder))
-                if finished is not None:  # restored after it had finished: say so again
+                if finished is not None:
                     tune.report(finished)
                     return
                 resume = read_checkpoint_state(Path(folder))
-            session.last_step = int(resume["step"]) if resume else 0
+        session.last_step = int(resume["step"]) if resume else 0
         try:
             result = distill(config, on_start=session.start, on_step=session.step,
                              on_eval=session.evaluated, resume=resume)
@@ -277,6 +306,8 @@ def trial_payload(trial: PlannedTrial, sweep: Sweep) -> dict:
     config = config.replace(**changes)
     return {"key": trial.key, "name": trial.name, "config": config.to_dict(),
             "workdir": str(Path.cwd()), "threads": max(1, int(spec.resources.cpu)),
+            # where Tune persists this trial's checkpoints (trial folders are named by trial)
+            "trial_storage": str(sweep.storage_path() / sweep.name / trial.name),
             "log_every": spec.log_every, "checkpoint_every": spec.checkpoint_every}
 
 

@@ -63,3 +63,21 @@ def test_fault_plan_fires_the_given_number_of_times(tmp_path):
     with pytest.raises(torch.OutOfMemoryError):
         plan_file.write_text(json.dumps([{"trial": "x", "step": 1, "kind": "oom"}]))
         FaultPlan(str(plan_file)).maybe_fail("x", 1)
+
+
+def test_newest_intact_checkpoint_is_found(tmp_path):
+    from orchestrator.tune import newest_checkpoint
+
+    assert newest_checkpoint(tmp_path / "missing") is None
+    for index, step in ((1, 10), (2, 30), (3, 20)):
+        write_checkpoint(tmp_path / f"checkpoint_00000{index}", state() | {"step": step}, step,
+                         None)
+    damaged = tmp_path / "checkpoint_000002" / STATE_FILE  # the newest (30) is damaged
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (tmp_path / "checkpoint_000004").mkdir()  # half-copied: no progress.json
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint_000003"
+    final = tmp_path / "checkpoint_000005"
+    write_checkpoint(final, None, 20, None)
+    (final / "artifact").mkdir()
+    (final / "artifact" / "poster.json").write_text("{}")
+    assert newest_checkpoint(tmp_path) == final
