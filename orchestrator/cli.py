@@ -410,13 +410,8 @@ def launch_command(
                           f"{sweep.storage_path() / sweep.name}")
             return
         from orchestrator.tune import launch
-        try:
-            outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
-                             resume=True if resume else None, verbose=0 if quiet else 1)
-        except SpecError:
-            raise
-        except ConnectionError as exc:
-            raise ValueError(f"--address: cannot reach the Ray cluster: {exc}") from None
+        outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
+                         resume=True if resume else None, verbose=0 if quiet else 1)
     _print_outcome(outcome)
     if outcome.failed:
         raise typer.Exit(1)

@@ -386,9 +386,16 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"),
-                 include_dashboard=False, log_to_driver=verbose > 0,
-                 configure_logging=verbose > 0)
+        where = address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=where, include_dashboard=False, log_to_driver=verbose > 0,
+                     configure_logging=verbose > 0)
+        except Exception as exc:  # unreachable address, authentication, version mismatch
+            hint = (" (a cluster with token authentication needs RAY_AUTH_MODE=token and its "
+                    "token in ~/.ray/auth_token or RAY_AUTH_TOKEN here)"
+                    if "auth" in str(exc).lower() else "")
+            raise SpecError(f"--address: cannot join the Ray cluster at {where or 'local'}: "
+                            f"{_first_line(exc)}{hint}") from None
         started_ray = True
 
     recorder = SweepRecorder(uri, sweep.spec.experiment, sweep.name)
@@ -438,6 +445,11 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
         if started_ray:
             ray.shutdown()
     return outcome
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _collect(outcome: SweepOutcome, results, names: TrialNames) -> None:

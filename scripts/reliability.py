@@ -203,7 +203,7 @@ def drill_crash() -> bool:
     checks.check("summary names what failed", "2 trial(s) failed" in log
                  and "injected out-of-memory" in log and "diverged, stopped" in log)
     runs = {r.info.run_name: r for r in trial_runs(uri, "crash")}
-    by = {name.split("-")[3] + "-" + name.split("-")[-2]: r for name, r in runs.items()}
+    by = {name.split("-")[2] + "-" + name.split("-")[-2]: r for name, r in runs.items()}
     error, oom, nan, clean = by["ipc0.5-s0"], by["ipc0.5-s1"], by["ipc1-s0"], by["ipc1-s1"]
     checks.check("engine error: retried from its checkpoint and finished",
                  error.info.status == "FINISHED" and error.data.tags.get("podd.retries") == "1"
@@ -231,7 +231,9 @@ def drill_cluster() -> bool:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    # `ray start --head` turns on Ray's token authentication (token in ~/.ray/auth_token);
+    # the worker node and the driver must ask for it too
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
     head = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
                            "--include-dashboard=false", "--disable-usage-stats"],
                           capture_output=True, text=True, env=env)
@@ -246,7 +248,7 @@ def drill_cluster() -> bool:
     try:
         spec = write_spec(folder, "cluster", seeds=4, steps=80, checkpoint_every=10,
                           extra="max_failures: 3\n")
-        process = start_launch(spec, "--address", address)
+        process = start_launch(spec, "--address", address, env={"RAY_AUTH_MODE": "token"})
         nodes_seen = wait_until(lambda: _nodes_of(uri, "cluster") if len(
             _nodes_of(uri, "cluster")) >= 2 else None, 300, "trials on two nodes")
         checks.check("trials placed on both nodes", len(nodes_seen) >= 2, f"{sorted(nodes_seen)}")
