@@ -28,6 +28,7 @@ KEY_TAG = "podd.trial_key"
 ROLE_TAG = "podd.role"
 ERROR_TAG = "podd.error"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 # What a trial reports (orchestrator.tune) and how it is recorded.
@@ -84,6 +85,11 @@ class SweepRecorder:
         experiment = client.get_experiment_by_name(self.experiment)
         self.experiment_id = (experiment.experiment_id if experiment is not None
                               else client.create_experiment(self.experiment))
+        if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+            # MLflow 3's UI opens experiments of unknown kind on its GenAI trace views; these
+            # are training runs, so it should open on the runs table
+            client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                      "custom_model_development")
         found = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
                              f"tags.`{ROLE_TAG}` = 'sweep'")
         if found:

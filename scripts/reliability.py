@@ -355,13 +355,15 @@ def browse_ui(uri: str, runs: list, folder: Path) -> dict[str, Path]:
     try:
         def shot(name: str, url: str, text: str) -> None:
             driver.get(url)
-            wait.until(expected_conditions.presence_of_element_located(
-                (By.XPATH, f"//*[contains(text(), '{text}')]")))
-            time.sleep(2)  # let the page finish drawing
             shots[name] = folder / f"mlflow-{name}.png"
-            driver.save_screenshot(str(shots[name]))
+            try:
+                wait.until(expected_conditions.presence_of_element_located(
+                    (By.XPATH, f"//*[contains(text(), '{text}')]")))
+                time.sleep(2)  # let the page finish drawing
+            finally:  # a screenshot either way: it shows what the page did instead
+                driver.save_screenshot(str(shots[name]))
 
-        shot("runs", f"{uri}/#/experiments/{experiment_id}", runs[0].info.run_name[:20])
+        shot("runs", f"{uri}/#/experiments/{experiment_id}/runs", "served")
         ids = json.dumps([r.info.run_id for r in runs])
         shot("compare", f"{uri}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]",
              "achieved_ipc")
