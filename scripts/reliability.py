@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results" / "reliability.jsonl"
+RESULTS = Path(os.environ.get("PODD_RELIABILITY_RESULTS",
+                              ROOT / "docs" / "results" / "reliability.jsonl"))
 CLI = str(Path(sys.executable).with_name("podd-sweep"))
 
 ENGINE = ("{width: 8, steps: %(steps)d, total_inner_steps: 4, window: 2, distill_batch: 16, "
@@ -160,6 +161,12 @@ def drill_interrupt(kind: str) -> bool:
         checks.check("no run left RUNNING after Ctrl-C", not left_running, f"{left_running}")
         killed = [r.info.run_name for r in after_stop if r.info.status == "KILLED"]
         checks.check("interrupted runs marked KILLED", len(killed) >= 1, f"{len(killed)} KILLED")
+        client = client_for(uri)
+        parent = client.search_runs([after_stop[0].info.experiment_id],
+                                    f"tags.`podd.sweep` = '{kind}' and tags.`podd.role` = 'sweep'")
+        checks.check("the sweep's parent run marked KILLED",
+                     [p.info.status for p in parent] == ["KILLED"],
+                     f"{[p.info.status for p in parent]}")
     steps_at_stop = {r.info.run_id: max(loss_steps(uri, r), default=0)
                      for r in trial_runs(uri, kind) if r.info.status != "FINISHED"}
     time.sleep(3)  # a killed driver's local Ray notices that it is gone
