@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +20,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from podd_engine import data
+if TYPE_CHECKING:
+    from podd_engine import data
 
 app = typer.Typer(
     name="podd-sweep",
@@ -50,7 +51,7 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one line on stderr and exit code 2."""
     try:
         yield
-    except (data.DatasetError, ValueError, FileNotFoundError) as exc:  # SpecError, ReportError too
+    except (ValueError, FileNotFoundError) as exc:  # DatasetError, SpecError, ReportError too
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
@@ -96,6 +97,8 @@ def main(
 
 def _dataset_status(entry: data.DatasetEntry, data_root: Path | None,
                     cache_dir: Path | None) -> dict:
+    from podd_engine import data
+
     row = {"name": entry.name + (":PATH" if entry.takes_path else ""),
            "description": entry.description, "location": "", "status": "", "cache": ""}
     if entry.takes_path:
@@ -121,6 +124,7 @@ def datasets_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List every registered data set, where its files are expected and whether it is cached."""
+    from podd_engine import data
     if ctx.invoked_subcommand is not None:
         return
     with user_errors():
@@ -148,6 +152,7 @@ def datasets_prepare(
     zca: Annotated[bool, typer.Option(help="Also fit and cache the ZCA whitening.")] = True,
 ) -> None:
     """Decode a data set into the tensor cache (and fit its ZCA), with a progress bar."""
+    from podd_engine import data
     from podd_engine.preprocess import fit_preprocessing
 
     with user_errors(), progress_bar() as progress:
@@ -233,6 +238,7 @@ def distill_command(
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Distil a data set into one poster, evaluate it, and save the artifact (tensors, JSON, PNG)."""
+    from podd_engine import data
     from podd_engine.allocator import tune_glibc_malloc
     from podd_engine.config import make_config
     from podd_engine.pipeline import distill, save_result
@@ -313,6 +319,7 @@ TrackingUriOption = Annotated[Optional[str], typer.Option(
 
 def _load_checked_sweep(spec: Path):
     """Parse, expand and check a sweep against its data sets (any problem: a SpecError)."""
+    from podd_engine import data
     from orchestrator.spec import SpecError, load_sweep, parse_spec
 
     if not spec.is_file():
@@ -474,7 +481,7 @@ def ui_command(
     import os
     import shutil
 
-    from orchestrator.status import resolve_tracking_uri
+    from orchestrator.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow = shutil.which("mlflow")
@@ -562,14 +569,11 @@ def _report_table(r, rp) -> Table:
         table.add_column(column, justify="right" if column in (
             "IPC", "achieved", "by bytes", "accuracy %", "runs", "Δ baseline") else "left")
     best = {(x.ipc, tuple(x.run_ids)) for x in r.verdict.per_ipc}
-    threshold = b.accuracy - (b.std if r.criterion == "comparable" else 0.0)
+    threshold = rp.passing_threshold(b, r.criterion)
     for row in r.groups.to_pylist():
         podd = row["method"] == "podd"
         is_best = podd and (row["ipc"], tuple(row["run_ids"])) in best
-        if row["runs"] < rp.MIN_RUNS:
-            verdict = "too few runs"
-        else:
-            verdict = "pass" if row["accuracy"] >= threshold else "fail"
+        verdict = {None: "too few runs", True: "pass", False: "fail"}[rp.row_passes(row, threshold)]
         config = (f"{row['patch_grid']} {row['order']} {row['labels']}" if podd
                   else row["labels"] or "-")
         table.add_row(row["method"], f"{row['ipc']:g}", f"{row['achieved_ipc']:.3f}",

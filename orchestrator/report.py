@@ -17,8 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.status import open_store
-from orchestrator.tracking import KEY_TAG, ROLE_TAG, SWEEP_TAG, search_all
+from orchestrator.store import KEY_TAG, ROLE_TAG, SWEEP_TAG, open_store, search_all
 
 # RaT-BPTT at 1 IPC as reported in the PoDD paper (Table 2), test accuracy in %, mean +- std.
 PAPER_BASELINES = {"cifar10": (53.2, 0.7), "cifar100": (35.3, 0.4), "cub200": (13.8, 0.3),
@@ -27,6 +26,7 @@ PAPER_SOURCE = "the PoDD paper's Table 2 (RaT-BPTT, 1 IPC)"
 CRITERIA = ("beats", "comparable")
 GROUP_BY = ["dataset", "method", "ipc", "patch_grid", "order", "labels"]
 MIN_RUNS = 2  # fewer finished runs than this cannot tell a difference
+TIE = 1e-9  # means computed in different orders may differ in the last bit: equal is a pass
 BYTES_PER_VALUE = 4  # posters and learned labels are stored as float32
 
 
@@ -134,6 +134,11 @@ def aggregate(runs: pa.Table) -> pa.Table:
                             ("ipc", "ascending"), ("accuracy", "descending")])
 
 
+def best_row(rows: list[dict]) -> dict:
+    """The best configuration among those with enough seeds to judge (else the best at all)."""
+    return max(rows, key=lambda r: (r["runs"] >= MIN_RUNS, r["accuracy"]))
+
+
 @dataclass
 class Baseline:
     accuracy: float  # fraction
@@ -157,7 +162,7 @@ def choose_baseline(groups: pa.Table, dataset: str, how: str) -> Baseline:
         rows = groups.filter(pc.and_(pc.equal(groups.column("method"), "rat-bptt"),
                                      pc.equal(groups.column("ipc"), 1.0))).to_pylist()
         if rows:
-            best = max(rows, key=lambda r: (r["runs"] >= MIN_RUNS, r["accuracy"]))
+            best = best_row(rows)
             return Baseline(best["accuracy"], best["accuracy_std"] or 0.0,
                             f"measured: {best['runs']} rat-bptt 1-IPC run(s) in this store "
                             f"({best['labels']} labels)", best["runs"], list(best["run_ids"]))
@@ -196,21 +201,30 @@ def _configuration(row: dict) -> str:
     return f"{row['patch_grid']} patches, {row['order']} order, {row['labels']} labels"
 
 
+def passing_threshold(baseline: Baseline, criterion: str) -> float:
+    """The accuracy a configuration needs: the baseline's mean (beats), or one baseline std
+    below it (comparable)."""
+    return baseline.accuracy - (baseline.std if criterion == "comparable" else 0.0) - TIE
+
+
+def row_passes(row: dict, threshold: float) -> bool | None:
+    """Pass/fail of one aggregated row; None with too few runs to tell."""
+    return (row["accuracy"] >= threshold) if row["runs"] >= MIN_RUNS else None
+
+
 def decide(groups: pa.Table, baseline: Baseline, criterion: str, dataset: str) -> Verdict:
     """The lowest IPC whose best PoDD configuration reaches the baseline (beats: mean >= the
     baseline's mean; comparable: within one baseline std below it)."""
     if criterion not in CRITERIA:
         raise ReportError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    threshold = baseline.accuracy - (baseline.std if criterion == "comparable" else 0.0)
+    threshold = passing_threshold(baseline, criterion)
     podd = groups.filter(pc.equal(groups.column("method"), "podd")).to_pylist()
     per_ipc = []
     for ipc in sorted({r["ipc"] for r in podd}):
         rows = [r for r in podd if r["ipc"] == ipc]
-        # the best configuration among those with enough seeds to judge (else the best at all)
-        best = max(rows, key=lambda r: (r["runs"] >= MIN_RUNS, r["accuracy"]))
-        judged = best["runs"] >= MIN_RUNS
+        best = best_row(rows)
         per_ipc.append(IpcResult(ipc, best["accuracy"], best["accuracy_std"], best["runs"],
-                                 (best["accuracy"] >= threshold) if judged else None,
+                                 row_passes(best, threshold),
                                  _configuration(best), list(best["run_ids"])))
     if not per_ipc:
         return Verdict(None, None, f"{dataset}: no finished PoDD runs to judge", per_ipc)
@@ -278,8 +292,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "auto",
 
 def groups_with_verdict(report: DatasetReport) -> pa.Table:
     """The aggregated table with the baseline and pass/fail per row (for csv/parquet)."""
-    threshold = report.baseline.accuracy - (report.baseline.std
-                                            if report.criterion == "comparable" else 0.0)
+    threshold = passing_threshold(report.baseline, report.criterion)
     rows = report.groups.to_pylist()
     for row in rows:
         row["run_ids"] = " ".join(row["run_ids"])
@@ -288,7 +301,7 @@ def groups_with_verdict(report: DatasetReport) -> pa.Table:
         row["baseline_std"] = report.baseline.std
         row["baseline_source"] = report.baseline.source
         row["delta_to_baseline"] = row["accuracy"] - report.baseline.accuracy
-        row["passes"] = (row["accuracy"] >= threshold) if row["runs"] >= MIN_RUNS else None
+        row["passes"] = row_passes(row, threshold)
     return pa.Table.from_pylist(rows)
 
 

@@ -36,6 +36,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
+from orchestrator.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, absolute_tracking_uri
 from podd_engine.config import METHODS, TrialConfig, make_config
 from podd_engine.data import ImageDataset
 from podd_engine.labels import LABEL_MODES
@@ -46,8 +47,6 @@ from podd_engine.poster import parse_grid
 AXES = {"dataset": "dataset", "method": "method", "ipc": "ipc", "patch_grid": "patch_grid",
         "class_order": "order", "labels": "labels", "seeds": "seed"}
 DEFAULT_STORAGE = "runs/ray"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "podd-sweep"
 
 
 class SpecError(ValueError):
@@ -218,17 +217,6 @@ class Sweep:
                                      or self.spec.tracking_uri or DEFAULT_TRACKING_URI)
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db resolved against the working directory, so that the driver, a
-    resumed launch and `podd-sweep ui` started elsewhere all mean the same file."""
-    match = re.match(r"^sqlite:///(?!/)(.+)$", uri)
-    if match:
-        return f"sqlite:///{Path(match.group(1)).resolve()}"
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):
-        return Path(uri).resolve().as_uri()  # a plain folder: MLflow's file store
-    return uri
-
-
 def _location(loc: tuple) -> str:
     path = ""
     for part in loc:
@@ -344,7 +332,10 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
             config = config.canonical()
             geometry = build_geometry(config, info) if info is not None else None
         except ValueError as exc:
-            raise SpecError(f"{source}: {_blame(str(exc), origin, chosen)}: {exc}") from None
+            setting = str(exc).split(" ", 1)[0]
+            where = (f"settings.{setting}" if setting in spec.settings
+                     else _blame(str(exc), origin, chosen))
+            raise SpecError(f"{source}: {where}: {exc}") from None
         trial = PlannedTrial(config, origin,
                              round(geometry.achieved_ipc, 4) if geometry else 0.0,
                              tuple(geometry.poster_size) if geometry else (0, 0))

@@ -5,36 +5,10 @@ Used by `podd-sweep status`; reads only, and never creates a store that is not t
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from orchestrator.spec import DEFAULT_TRACKING_URI, absolute_tracking_uri
-from orchestrator.tracking import ERROR_TAG, KEY_TAG, ROLE_TAG, SWEEP_TAG, search_all
-
-
-def resolve_tracking_uri(override: str | None = None) -> str:
-    return absolute_tracking_uri(override or os.environ.get("MLFLOW_TRACKING_URI")
-                                 or DEFAULT_TRACKING_URI)
-
-
-def open_store(tracking_uri: str | None, experiment: str):
-    """(client, experiment id) of an existing store and experiment, else a ValueError that
-    says what to do."""
-    from mlflow import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run "
-                         f"`podd-sweep launch SPEC` here first, or pass --tracking-uri")
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no experiment {experiment!r} in {uri}: use --experiment with one of "
-                         f"{', '.join(names) or '(none: the store is empty)'}")
-    return client, found.experiment_id
+from orchestrator.store import ERROR_TAG, KEY_TAG, ROLE_TAG, SWEEP_TAG, open_store, search_all
 
 
 @dataclass

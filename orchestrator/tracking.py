@@ -22,14 +22,9 @@ from typing import Any
 from ray import tune
 
 from orchestrator.spec import PlannedTrial
+from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
+                                SWEEP_TAG, TERMINAL, search_all)
 
-SWEEP_TAG = "podd.sweep"
-KEY_TAG = "podd.trial_key"
-ROLE_TAG = "podd.role"
-ERROR_TAG = "podd.error"
-PARENT_TAG = "mlflow.parentRunId"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 # What a trial reports (orchestrator.tune) and how it is recorded.
 STEP_METRICS = ("loss", "real_accuracy", "grad_norm", "seconds_per_step",
@@ -225,18 +220,6 @@ class SweepRecorder:
                    if self._new_step(run_id, k, step)]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-
-
-def search_all(client, experiment_id: str, filter_string: str) -> list:
-    """Every run matching `filter_string` (MLflow pages its search results)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000,
-                                  page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 _OPEN: dict[tuple[str, str, str], SweepRecorder] = {}

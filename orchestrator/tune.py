@@ -13,6 +13,7 @@ in MLflow through `orchestrator.tracking`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -265,18 +266,18 @@ def make_trainable(faults: FaultPlan):
         session = TrialSession(payload, faults)
         resume = None
         checkpoint = tune.get_checkpoint()
+        # the newest intact checkpoint in storage can be newer than Tune's record of it
         newest = newest_checkpoint(Path(payload["trial_storage"]))
-        if newest is not None:  # newer than Tune's record after a killed driver
-            finished = _final_metrics_from(newest)
-            if finished is not None:  # restored after it had finished: say so again
-                tune.report(finished)
-                return
-            resume = read_checkpoint_state(newest)
-        elif checkpoint is not None:
-            with checkpoint.as_directory() as folder:
+        with (contextlib.nullcontext(str(newest)) if newest is not None else
+              checkpoint.as_directory() if checkpoint is not None else
+              contextlib.nullcontext(None)) as folder:
+            if folder is not None:
                 finished = _final_metrics_from(Path(folder))
-                if finished is not None:
-                    tune.report(finished)
+                if finished is not None:  # it had finished: report it (and its artifact) again
+                    with tempfile.TemporaryDirectory(prefix="podd-final-") as copy:
+                        # a copy: Tune may number the new checkpoint like the one read here
+                        shutil.copytree(folder, copy, dirs_exist_ok=True)
+                        tune.report(finished, checkpoint=tune.Checkpoint.from_directory(copy))
                     return
                 resume = read_checkpoint_state(Path(folder))
         session.last_step = int(resume["step"]) if resume else 0

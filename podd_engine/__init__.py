@@ -6,9 +6,17 @@
     print(result.summary())
 """
 
-from podd_engine.config import TrialConfig, make_config
-from podd_engine.data import create_dataset
-from podd_engine.pipeline import DistillResult, build_trial, distill, evaluate_poster
+import importlib
 
-__all__ = ["TrialConfig", "make_config", "create_dataset", "distill", "build_trial",
-           "evaluate_poster", "DistillResult"]
+# name -> module; imported on first use, so that `import podd_engine.fileio` (or the CLI's
+# report, which needs no torch) does not pay for torch
+_EXPORTS = {"TrialConfig": "config", "make_config": "config", "create_dataset": "data",
+            "distill": "pipeline", "build_trial": "pipeline", "evaluate_poster": "pipeline",
+            "DistillResult": "pipeline"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"podd_engine.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'podd_engine' has no attribute {name!r}")

@@ -113,6 +113,7 @@ class TrialConfig:
 
     def validate(self) -> None:
         """Errors that do not need the data set; each names the field and the fix."""
+        self._check_types()
         choices = {"method": METHODS, "labels": LABEL_MODES, "device": DEVICES,
                    "order": ORDERINGS, "init": POSTER_INITS,
                    "preprocessing": PREPROCESSING_KINDS, "clip_mode": CLIP_MODES,
@@ -139,6 +140,43 @@ class TrialConfig:
                              f"images per class (use method podd below 1 IPC)")
         if self.order == "given" and self.order_grid is None:
             raise ValueError("order 'given' needs order_grid: rows of class indices")
+
+
+    def _check_types(self) -> None:
+        """Every setting has its declared type (settings come from YAML and --set KEY=VALUE)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if value is None and "None" in kinds:
+                continue
+            if _has_type(value, kinds[0]):
+                continue
+            wanted = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds if k != "None")
+            raise ValueError(f"{f.name} must be {wanted}"
+                             + (" (or left unset)" if "None" in kinds else "")
+                             + f", got {value!r}")
+
+
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string",
+               "list[int]": "a list of whole numbers",
+               "list[list[int]]": "rows (lists) of whole numbers"}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """isinstance for the annotation spellings TrialConfig uses (int, float, str, list[int],
+    list[list[int]]); a bool is not a number and an int is a fine float."""
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list[") and isinstance(value, list):
+        inner = kind[5:-1]
+        return all(_has_type(v, inner) for v in value)
+    return False
 
 
 def default_class_grid(num_classes: int) -> str:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.report import ReportError, build_report, gather_runs
-from orchestrator.tracking import KEY_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG
+from orchestrator.store import KEY_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG
 
 runner = CliRunner()
 
@@ -74,6 +74,14 @@ def test_lowest_passing_ipc_against_the_measured_baseline(store):
     comparable = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10",
                               criterion="comparable")
     assert comparable.verdict.lowest_ipc == 0.5 and comparable.verdict.all_above_pass is True
+
+
+def test_a_tie_with_the_baseline_passes(store):
+    # PoDD's mean (0.40 + 0.42) / 2 equals the baseline's (0.41 + 0.41) / 2: "at least" passes
+    fill(store, {0.5: [0.40, 0.42], 0.8: [0.405, 0.41]}, baseline=(0.41, 0.41))
+    report = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    assert {r.ipc: r.passes for r in report.verdict.per_ipc} == {0.5: True, 0.8: False}
+    assert report.verdict.lowest_ipc == 0.5 and report.verdict.all_above_pass is False
 
 
 def test_best_configuration_per_ipc_and_seed_aggregation(store):

@@ -74,6 +74,11 @@ def test_bad_specs_name_the_field(text, message):
      "include[0].ipc: ipc 0.5 is not a whole number"),
     ("name: t\ndataset: digits\nipc: 1\nsettings: {window: 50, total_inner_steps: 10}\n",
      "settings.window: window (50) must not exceed"),
+    # found by the property test: a wrongly typed setting was a TypeError deep in validation
+    ("name: t\ndataset: digits\nipc: 1\nsettings: {width: []}\n",
+     "settings.width: width must be a whole number, got []"),
+    ("name: t\ndataset: digits\nipc: 1\nsettings: {eval_steps: [10, x]}\n",
+     "settings.eval_steps: eval_steps must be a list of whole numbers"),
 ])
 def test_impossible_combinations_are_found_before_anything_runs(text, message):
     with pytest.raises(SpecError, match=None) as error:
