@@ -153,7 +153,13 @@ def test_cli_formats_plot_and_exit_codes(store, tmp_path):
     csv = pyarrow.csv.read_csv(tmp_path / "r.csv")
     assert csv.num_rows == 3 and "passes" in csv.column_names
     runner.invoke(app, args + ["--format", "parquet", "--output", str(tmp_path / "r.parquet")])
-    assert pq.read_table(tmp_path / "r.parquet").num_rows == 3
+    back = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert len(back) == 3
+    by = {(r["method"], r["ipc"]): r for r in back}
+    assert by[("podd", 0.5)]["accuracy"] == pytest.approx(0.425) and by[("podd", 0.5)]["passes"]
+    assert by[("podd", 0.5)]["run_ids"].count(" ") == 1  # both runs named
+    assert by[("rat-bptt", 1.0)]["passes"] is None  # the baseline is not judged against itself
+    assert by[("podd", 0.8)]["delta_to_baseline"] == pytest.approx(0.445 - 0.41)
 
     failing = runner.invoke(app, args + ["--baseline", "60"])
     assert failing.exit_code == 1 and "no IPC passes" in failing.output
