@@ -17,7 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.store import KEY_TAG, ROLE_TAG, SWEEP_TAG, open_store, search_all
+from orchestrator.store import (KEY_TAG, ROLE_TAG, SWEEP_TAG, RunRecord, open_store, search_all,
+                                trial_records)
 
 # RaT-BPTT at 1 IPC as reported in the PoDD paper (Table 2), test accuracy in %, mean +- std.
 PAPER_BASELINES = {"cifar10": (53.2, 0.7), "cifar100": (35.3, 0.4), "cub200": (13.8, 0.3),
@@ -45,9 +46,9 @@ RUN_SCHEMA = pa.schema([
 ])
 
 
-def _run_row(run) -> dict | None:
+def _run_row(run: RunRecord) -> dict | None:
     """One finished trial run as a table row (None when it lacks the trial facts)."""
-    params, metrics = run.data.params, run.data.metrics
+    params, metrics = run.params, run.metrics
     if "test_accuracy" not in metrics or "poster_pixels" not in params:
         return None
     method = params["method"]
@@ -59,7 +60,7 @@ def _run_row(run) -> dict | None:
     storage = (channels * pixels + labels) * BYTES_PER_VALUE
     one_ipc = classes * channels * height * width * BYTES_PER_VALUE
     return {
-        "run_id": run.info.run_id, "sweep": run.data.tags.get(SWEEP_TAG, ""),
+        "run_id": run.run_id, "sweep": run.tags.get(SWEEP_TAG, ""),
         "dataset": params.get("dataset_family") or params["dataset"],
         "dataset_source": params["dataset"], "method": method, "ipc": float(params["ipc"]),
         "achieved_ipc": float(params.get("achieved_ipc", params["ipc"])),
@@ -71,7 +72,7 @@ def _run_row(run) -> dict | None:
         "eval_models": int(params.get("eval_models", 0)), "poster_pixels": pixels,
         "label_parameters": labels, "storage_bytes": storage,
         "ipc_by_bytes": storage / one_ipc if one_ipc else float("nan"),
-        "trial_key": run.data.tags.get(KEY_TAG, ""),
+        "trial_key": run.tags.get(KEY_TAG, ""),
     }
 
 
@@ -83,24 +84,21 @@ class Gathered:
 
 
 def gather_runs(tracking_uri: str | None, experiment: str, sweep: str | None = None) -> Gathered:
-    client, experiment_id = open_store(tracking_uri, experiment)
-    query = f"tags.`{ROLE_TAG}` = 'trial'"
-    if sweep is not None:
-        query += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
-    runs = search_all(client, experiment_id, query)
+    runs = trial_records(tracking_uri, experiment, sweep)
     if sweep is not None and not runs:
         raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
                           f"check the name with `podd-sweep status`")
     rows, running, unusable = [], 0, 0
     for run in runs:
-        if run.info.status == "RUNNING":
+        if run.status == "RUNNING":
             running += 1
-        elif run.info.status == "FINISHED":
+        elif run.status == "FINISHED":
             row = _run_row(run)
             if row is None:
                 unusable += 1
             else:
                 rows.append(row)
+    rows.sort(key=lambda r: r["run_id"])  # the same table whichever way the store was read
     return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), running, unusable)
 
 

@@ -186,3 +186,28 @@ def test_store_that_does_not_exist(tmp_path):
     result = runner.invoke(app, ["report", "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"])
     assert result.exit_code == 2 and "no MLflow store at" in result.stderr
     assert not (tmp_path / "no.db").exists()
+
+
+def test_sqlite_fast_path_reads_what_mlflow_reads(store, monkeypatch):
+    """The direct sqlite reader and MLflow's client give the same table (deleted runs, NaN
+    metrics, RUNNING runs and other sweeps' runs included in the store)."""
+    import sqlite3
+
+    import orchestrator.store as store_module
+
+    fill(store, {0.5: [0.42, 0.43], 0.8: [0.45, float("nan")]})
+    store(method="podd", ipc=0.3, seed=5, accuracy=0.9, status="RUNNING")
+    gone = store(method="podd", ipc=0.3, seed=6, accuracy=0.9)
+    store.client.delete_run(gone)
+    fast = gather_runs(store.uri, "podd-sweep")
+
+    def unknown_schema(*args):
+        raise sqlite3.DatabaseError("no such table")
+
+    monkeypatch.setattr(store_module, "_sqlite_trial_records", unknown_schema)
+    slow = gather_runs(store.uri, "podd-sweep")
+    assert fast.runs.num_rows == 6 and (fast.running, fast.unusable) == (slow.running, slow.unusable) == (1, 0)
+    assert fast.runs.drop(["test_accuracy"]).equals(slow.runs.drop(["test_accuracy"]))
+    a, b = fast.runs.column("test_accuracy").to_pylist(), slow.runs.column("test_accuracy").to_pylist()
+    assert [x for x in a if x == x] == [x for x in b if x == x] and sum(x != x for x in a) == 1
+    assert gone not in fast.runs.column("run_id").to_pylist()
