@@ -398,6 +398,12 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
             raise SpecError(f"--address: cannot join the Ray cluster at {where or 'local'}: "
                             f"{_first_line(exc)}{hint}") from None
         started_ray = True
+    try:
+        _check_resources_fit(sweep, ray.nodes())
+    except SpecError:
+        if started_ray:
+            ray.shutdown()
+        raise
 
     recorder = SweepRecorder(uri, sweep.spec.experiment, sweep.name)
     parent = recorder.open_sweep(spec_text=Path(sweep.source).read_text(),
@@ -446,6 +452,23 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
         if started_ray:
             ray.shutdown()
     return outcome
+
+
+def _check_resources_fit(sweep: Sweep, nodes: list[dict]) -> None:
+    """A trial asking for more CPUs or GPUs than any node of the cluster has would wait
+    forever: say so before the sweep starts."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    wanted = {"CPU": sweep.spec.resources.cpu, "GPU": sweep.spec.resources.gpu}
+    for resource, amount in wanted.items():
+        most = max((node.get(resource, 0.0) for node in alive), default=0.0)
+        if amount > most:
+            field_name = f"resources.{resource.lower()}"
+            fix = ("set resources.gpu: 0 to run on CPUs, or join a cluster with GPUs "
+                   "(--address)" if resource == "GPU" else
+                   f"ask for at most {most:g}, or join a bigger cluster (--address)")
+            raise SpecError(f"{sweep.source}: {field_name}: each trial asks for {amount:g} "
+                            f"{resource}(s) but no node of the Ray cluster has more than "
+                            f"{most:g}: {fix}")
 
 
 def _first_line(exc: BaseException) -> str:

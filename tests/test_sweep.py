@@ -231,3 +231,12 @@ def test_ui_serves_the_sweep_runs_and_poster(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_resources_no_node_has_are_refused_before_anything_is_recorded(tmp_path):
+    spec = write_spec(tmp_path, "greedy", "ipc: 1.0\nresources: {cpu: 1, gpu: 1}\n")
+    result = runner.invoke(app, ["launch", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "resources.gpu: each trial asks for 1 GPU(s) but no node of the Ray cluster has " \
+           "more than 0: set resources.gpu: 0" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray" / "greedy").exists()
