@@ -131,6 +131,13 @@ def test_shipped_sweeps_expand_against_cifar10_shapes(sweep, count, tmp_path, mo
 
 
 def test_dry_run_prints_the_trials_and_starts_nothing(tmp_path, monkeypatch):
+    import ray
+
+    import orchestrator.tune
+
+    started = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append("ray"))
+    monkeypatch.setattr(orchestrator.tune, "launch", lambda *a, **k: started.append("launch"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text(TINY + "storage: ray-results\n")
     result = runner.invoke(app, ["launch", "s.yaml", "--dry-run"])
@@ -138,8 +145,7 @@ def test_dry_run_prints_the_trials_and_starts_nothing(tmp_path, monkeypatch):
     assert "sweep t: 10 trials" in result.output and "rat-bptt" in result.output
     assert "10 trials, each 1 CPU + 0 GPU" in result.output
     assert not (tmp_path / "ray-results").exists() and not (tmp_path / "mlflow.db").exists()
-    import ray
-    assert not ray.is_initialized()
+    assert not started  # neither a sweep nor Ray was started
 
 
 @pytest.mark.parametrize("text, message", [
