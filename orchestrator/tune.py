@@ -59,13 +59,11 @@ def write_checkpoint(folder: Path, state: dict | None, step: int,
     atomic_write_bytes(json.dumps(progress).encode(), folder / PROGRESS_FILE)
 
 
-def read_checkpoint_state(folder: Path) -> dict | None:
-    """The distiller state saved in a checkpoint folder, after checking its checksum."""
-    import torch
-
+def verify_checkpoint_state(folder: Path) -> bool:
+    """False when the folder holds no state; raises when the state is damaged or unrecorded."""
     progress_path = folder / PROGRESS_FILE
     if not (folder / STATE_FILE).exists():
-        return None
+        return False
     if not progress_path.exists():
         raise RuntimeError(f"checkpoint {folder} has {STATE_FILE} but no {PROGRESS_FILE}: it "
                            f"was not written by podd-sweep or is incomplete")
@@ -73,6 +71,15 @@ def read_checkpoint_state(folder: Path) -> dict | None:
     if expected != _sha256(folder / STATE_FILE):
         raise RuntimeError(f"checkpoint {folder / STATE_FILE} is corrupt (sha256 mismatch): "
                            f"delete that checkpoint folder to resume from the one before")
+    return True
+
+
+def read_checkpoint_state(folder: Path) -> dict | None:
+    """The distiller state saved in a checkpoint folder, after checking its checksum."""
+    import torch
+
+    if not verify_checkpoint_state(folder):
+        return None
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
 
 
@@ -226,7 +233,7 @@ def newest_checkpoint(trial_storage: Path) -> Path | None:
             if (folder / ARTIFACT_DIR / "poster.json").exists():
                 step += 1  # the final checkpoint outranks a state saved at the same step
             else:
-                read_checkpoint_state(folder)  # raises when damaged
+                verify_checkpoint_state(folder)  # raises when damaged (no need to load it)
         except Exception:
             continue
         if step > best_step:
