@@ -59,6 +59,7 @@ class SweepRecorder:
         self._last_step: dict[tuple[str, str], int] = {}  # (run, metric) -> last logged step
         self._params: dict[str, set[str]] = {}  # run -> param keys already logged
         self.failed: dict[str, str] = {}  # trial key -> error line
+        self.done: set[str] = set()  # trials whose runs had FINISHED before this process
 
     # Tune pickles its callbacks with the experiment and unpickles them when the sweep is
     # resumed: a recorder unpickles as the one this process opened for the same sweep, so a
@@ -124,6 +125,11 @@ class SweepRecorder:
                       PARENT_TAG: self.parent_id, "podd.method": trial.config.method,
                       "podd.dataset": trial.config.dataset})
             run_id = self.runs[trial.key] = run.info.run_id
+        elif self.client.get_run(run_id).info.status == "FINISHED":
+            # a killed driver's last experiment snapshot can predate a trial's end, so the
+            # resumed sweep replays the trial from its final checkpoint: its run stays as it was
+            self.done.add(trial.key)
+            return run_id
         else:  # a retry or a resumed sweep: the run is live again, its old error is history
             self.client.update_run(run_id, status="RUNNING")
             self.failed.pop(trial.key, None)
@@ -137,6 +143,8 @@ class SweepRecorder:
         return run_id
 
     def trial_result(self, key: str, result: dict) -> None:
+        if key in self.done:
+            return
         run_id = self.runs[key]
         if isinstance(result.get(INFO), dict):
             self._log_params(run_id, result[INFO])
@@ -149,6 +157,8 @@ class SweepRecorder:
             self.failed[key] = str(result.get("error", "diverged"))
 
     def trial_checkpoint(self, key: str, folder: Path, step: int) -> None:
+        if key in self.done:
+            return
         run_id = self.runs[key]
         png = folder / POSTER_PNG
         if png.exists() and self._new_step(run_id, "poster", step):
@@ -161,6 +171,8 @@ class SweepRecorder:
                 self.client.log_artifact(run_id, str(png))
 
     def trial_retried(self, key: str, error: str) -> None:
+        if key in self.done:
+            return
         run_id = self.runs[key]
         retries = int(self.client.get_run(run_id).data.tags.get("podd.retries", 0)) + 1
         self.client.set_tag(run_id, "podd.retries", str(retries))
@@ -168,6 +180,8 @@ class SweepRecorder:
 
     def trial_finished(self, key: str, error: str | None = None,
                        error_detail: str | None = None) -> None:
+        if key in self.done:
+            return
         run_id = self.runs[key]
         error = error or self.failed.get(key)
         if error:
@@ -272,11 +286,16 @@ class TrackingCallback(tune.Callback):
 
 
 def _error_text(trial) -> str:
+    """The trial's error trace. Tune appends it to the trial's local error file before calling
+    the callbacks, and copies that file to the storage path only at its next sync, so the local
+    file is read first (`trial.get_error()` reads storage and can still find nothing there)."""
+    local = getattr(trial, "error_file", None)
+    if local and Path(local).is_file():
+        text = Path(local).read_text().strip()
+        if text:
+            return text
     try:
         error = trial.get_error()
-        return str(error) if error is not None else "the trial failed without a message"
-    except Exception:  # the error file may not be readable (a lost node)
-        path = getattr(trial, "error_file", None)
-        if path and Path(path).exists():
-            return Path(path).read_text()
-        return "the trial failed without a message"
+    except Exception:  # storage unreachable (a lost node)
+        error = None
+    return str(error) if error else "the trial failed without a message"

@@ -248,7 +248,9 @@ def _final_metrics_from(folder: Path) -> dict | None:
         return None
     metrics = json.loads(meta.read_text())["metrics"]
     step = json.loads((folder / PROGRESS_FILE).read_text())["step"]
+    # started_at_step = step: a trial replayed from its final checkpoint redoes no step
     return {EVENT: "final", "step": step, "trial_seconds": metrics.get("seconds", 0.0),
+            "started_at_step": step,
             **{k: v for k, v in metrics.items() if k.startswith("test_accuracy")}}
 
 
