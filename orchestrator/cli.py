@@ -447,11 +447,17 @@ def _print_outcome(outcome) -> None:
                           f"same command again to resume")
 
 
+STATUS_ROWS = 40  # longer sweeps show their unfinished and best trials unless --all
+
+
 @app.command("status")
 def status_command(
     sweep: Annotated[Optional[str], typer.Argument(help="Sweep name (default: all sweeps).")] = None,
     tracking_uri: TrackingUriOption = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
+    all_trials: Annotated[bool, typer.Option(
+        "--all", help=f"List every trial (a sweep of more than {STATUS_ROWS} shows the "
+                      f"unfinished ones and the 10 best finished).")] = False,
 ) -> None:
     """Trials of a sweep by state, with their best test accuracy so far (from MLflow)."""
     from orchestrator.status import sweep_status
@@ -460,15 +466,20 @@ def status_command(
         sweeps = sweep_status(tracking_uri, experiment, sweep)
     for entry in sweeps:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(entry.counts.items()))
+        shown = (entry.trials if all_trials or len(entry.trials) <= STATUS_ROWS
+                 else entry.highlights())
+        hidden = len(entry.trials) - len(shown)
         table = Table(title=f"sweep {entry.name} ({entry.status.lower()}): {counts}",
                       title_justify="left")
         for column in ("trial", "state", "step", "best test accuracy", "error"):
             table.add_column(column, justify="right" if column == "step" else "left")
-        for trial in entry.trials:
+        for trial in shown:
             best = trial.best_accuracy
             table.add_row(trial.name, trial.status, str(trial.step),
                           f"{100 * best:.2f} %" if best is not None else "", trial.error or "")
         console.print(table)
+        if hidden:
+            console.print(f"{hidden} more finished trials not shown (--all lists every one)")
 
 
 @app.command("ui")
@@ -478,23 +489,25 @@ def ui_command(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the sweep store (open http://HOST:PORT in a browser)."""
+    import importlib.util
     import os
-    import shutil
+    import sys
 
     from orchestrator.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow = shutil.which("mlflow")
     with user_errors():
-        if mlflow is None:
-            raise ValueError("the mlflow command is not installed in this environment: "
-                             "pip install -e . installs it")
+        if importlib.util.find_spec("mlflow") is None:
+            raise ValueError("mlflow is not installed in this environment: pip install -e . "
+                             "installs it")
         if uri.startswith(("http://", "https://")):
             raise ValueError(f"--tracking-uri {uri} is a tracking server: open it in a browser "
                              f"directly, it already serves the UI")
     err_console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host,
-                      "--port", str(port)])
+    # this interpreter's mlflow, not whichever `mlflow` is first on PATH (podd-sweep may run
+    # from a virtual environment that is not activated)
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--host", host, "--port", str(port)])
 
 
 @app.command("report")

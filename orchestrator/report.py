@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from orchestrator.store import (KEY_TAG, ROLE_TAG, SWEEP_TAG, RunRecord, open_store, search_all,
-                                trial_records)
+                                run_records)
 
 # RaT-BPTT at 1 IPC as reported in the PoDD paper (Table 2), test accuracy in %, mean +- std.
 PAPER_BASELINES = {"cifar10": (53.2, 0.7), "cifar100": (35.3, 0.4), "cub200": (13.8, 0.3),
@@ -84,7 +84,7 @@ class Gathered:
 
 
 def gather_runs(tracking_uri: str | None, experiment: str, sweep: str | None = None) -> Gathered:
-    runs = trial_records(tracking_uri, experiment, sweep)
+    runs = run_records(tracking_uri, experiment, sweep=sweep)
     if sweep is not None and not runs:
         raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
                           f"check the name with `podd-sweep status`")

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from orchestrator.store import ERROR_TAG, KEY_TAG, ROLE_TAG, SWEEP_TAG, open_store, search_all
+from orchestrator.store import ERROR_TAG, KEY_TAG, SWEEP_TAG, run_records
+
+# a trial's progress: the furthest step logged, and its best test accuracy so far
+PROGRESS_METRICS = ("loss", "test_accuracy")
 
 
 @dataclass
@@ -36,31 +39,34 @@ class SweepStatus:
             counts["NOT STARTED"] = self.planned - len(self.trials)
         return dict(counts)
 
+    def highlights(self, best: int = 10) -> list[TrialStatus]:
+        """What a long sweep's status shows: every trial that has not finished (running, failed,
+        killed) and the `best` finished ones by test accuracy, in name order."""
+        finished = [t for t in self.trials if t.status == "FINISHED"]
+        top = sorted(finished, key=lambda t: -(t.best_accuracy or 0.0))[:best]
+        keep = {id(t) for t in top} | {id(t) for t in self.trials if t.status != "FINISHED"}
+        return [t for t in self.trials if id(t) in keep]
+
 
 def sweep_status(tracking_uri: str | None, experiment: str,
                  sweep: str | None = None) -> list[SweepStatus]:
-    client, experiment_id = open_store(tracking_uri, experiment)
-    parents = search_all(client, experiment_id, f"tags.`{ROLE_TAG}` = 'sweep'")
+    parents = run_records(tracking_uri, experiment, role="sweep")
     if sweep is not None:
-        chosen = [p for p in parents if p.data.tags.get(SWEEP_TAG) == sweep]
+        chosen = [p for p in parents if p.tags.get(SWEEP_TAG) == sweep]
         if not chosen:
-            known = sorted(p.data.tags.get(SWEEP_TAG, "?") for p in parents)
+            known = sorted(p.tags.get(SWEEP_TAG, "?") for p in parents)
             raise ValueError(f"no sweep {sweep!r} in experiment {experiment!r}: known sweeps are "
                              f"{', '.join(known) or '(none)'}")
         parents = chosen
     out = []
-    for parent in parents:
-        name = parent.data.tags[SWEEP_TAG]
-        entry = SweepStatus(name, parent.info.status, int(parent.data.params.get("trials", 0)))
-        for run in search_all(client, experiment_id, f"tags.`{SWEEP_TAG}` = '{name}' and "
-                                                     f"tags.`{ROLE_TAG}` = 'trial'"):
-            history = client.get_metric_history(run.info.run_id, "test_accuracy")
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    for parent in sorted(parents, key=lambda p: p.tags[SWEEP_TAG]):
+        name = parent.tags[SWEEP_TAG]
+        entry = SweepStatus(name, parent.status, int(parent.params.get("trials", 0)))
+        for run in run_records(tracking_uri, experiment, sweep=name, peaks=PROGRESS_METRICS):
             entry.trials.append(TrialStatus(
-                run.info.run_name, run.data.tags.get(KEY_TAG, ""), run.info.status,
-                max(steps + [m.step for m in history], default=0),
-                max((m.value for m in history), default=None), run.data.tags.get(ERROR_TAG),
-                run.info.run_id))
+                run.name, run.tags.get(KEY_TAG, ""), run.status,
+                max((run.steps.get(k, 0) for k in PROGRESS_METRICS), default=0),
+                run.peaks.get("test_accuracy"), run.tags.get(ERROR_TAG), run.run_id))
         entry.trials.sort(key=lambda t: t.name)
         out.append(entry)
     return out

@@ -9,7 +9,7 @@ import contextlib
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SWEEP_TAG = "podd.sweep"        # on the parent run and every trial run of a sweep
@@ -78,13 +78,17 @@ class RunRecord:
     name: str
     status: str
     params: dict[str, str]
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # each metric's latest value
     tags: dict[str, str]
+    steps: dict[str, int] = field(default_factory=dict)    # step of the latest value
+    peaks: dict[str, float] = field(default_factory=dict)  # highest value (metrics asked for)
 
 
-def trial_records(tracking_uri: str | None, experiment: str,
-                  sweep: str | None = None) -> list[RunRecord]:
-    """Every trial run of the experiment (of one sweep), with params, latest metrics and tags.
+def run_records(tracking_uri: str | None, experiment: str, *, role: str = "trial",
+                sweep: str | None = None, peaks: tuple[str, ...] = ()) -> list[RunRecord]:
+    """Every run of the experiment with this role (trial runs, or the sweeps' parent runs), of
+    one sweep or all, with params, latest metrics and tags; for the metrics named in `peaks`
+    also the highest value reached and the latest step.
 
     A sqlite store is read directly (one query per table: 10,000 runs in about a second, where
     MLflow's client builds an object per param and takes 15 s); any other store, or a sqlite
@@ -96,19 +100,27 @@ def trial_records(tracking_uri: str | None, experiment: str,
             raise ValueError(f"no MLflow store at {path}: run `podd-sweep launch SPEC` here "
                              f"first, or pass --tracking-uri")
         try:
-            return _sqlite_trial_records(path, experiment, sweep)
+            return _sqlite_run_records(path, experiment, role, sweep, peaks)
         except sqlite3.DatabaseError:
             pass  # not the schema this reader knows: MLflow's client reads it
     client, experiment_id = open_store(tracking_uri, experiment)
-    query = f"tags.`{ROLE_TAG}` = 'trial'"
+    query = f"tags.`{ROLE_TAG}` = '{role}'"
     if sweep is not None:
         query += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
-    return [RunRecord(r.info.run_id, r.info.run_name, r.info.status, dict(r.data.params),
-                      dict(r.data.metrics), dict(r.data.tags))
-            for r in search_all(client, experiment_id, query)]
+    records = []
+    for run in search_all(client, experiment_id, query):
+        record = RunRecord(run.info.run_id, run.info.run_name, run.info.status,
+                           dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+        for key in set(peaks) & set(record.metrics):  # a metric's steps cost a request each
+            history = client.get_metric_history(record.run_id, key)
+            record.steps[key] = max(m.step for m in history)
+            record.peaks[key] = max(m.value for m in history)
+        records.append(record)
+    return records
 
 
-def _sqlite_trial_records(path: Path, experiment: str, sweep: str | None) -> list[RunRecord]:
+def _sqlite_run_records(path: Path, experiment: str, role: str, sweep: str | None,
+                        peaks: tuple[str, ...]) -> list[RunRecord]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         found = db.execute("SELECT experiment_id FROM experiments WHERE name = ? AND "
                            "lifecycle_stage = 'active'", (experiment,)).fetchone()
@@ -120,8 +132,8 @@ def _sqlite_trial_records(path: Path, experiment: str, sweep: str | None) -> lis
                              f"{', '.join(names) or '(none: the store is empty)'}")
         chosen = ("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
                   "WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active' "
-                  "AND t.key = ? AND t.value = 'trial'")
-        args: list = [found[0], ROLE_TAG]
+                  "AND t.key = ? AND t.value = ?")
+        args: list = [found[0], ROLE_TAG, role]
         if sweep is not None:
             chosen += (" AND EXISTS (SELECT 1 FROM tags s WHERE s.run_uuid = r.run_uuid "
                        "AND s.key = ? AND s.value = ?)")
@@ -136,8 +148,14 @@ def _sqlite_trial_records(path: Path, experiment: str, sweep: str | None) -> lis
         for run_id, key, value in db.execute(
                 f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({chosen})", args):
             records[run_id].tags[key] = value
-        for run_id, key, value, is_nan in db.execute(
-                f"SELECT run_uuid, key, value, is_nan FROM latest_metrics "
+        for run_id, key, value, is_nan, step in db.execute(
+                f"SELECT run_uuid, key, value, is_nan, step FROM latest_metrics "
                 f"WHERE run_uuid IN ({chosen})", args):
             records[run_id].metrics[key] = float("nan") if is_nan else float(value)
+            records[run_id].steps[key] = int(step)
+        for key in peaks:
+            for run_id, value in db.execute(
+                    f"SELECT run_uuid, MAX(value) FROM metrics WHERE key = ? AND is_nan = 0 "
+                    f"AND run_uuid IN ({chosen}) GROUP BY run_uuid", [key, *args]):
+                records[run_id].peaks[key] = float(value)
     return list(records.values())

@@ -204,7 +204,7 @@ def test_sqlite_fast_path_reads_what_mlflow_reads(store, monkeypatch):
     def unknown_schema(*args):
         raise sqlite3.DatabaseError("no such table")
 
-    monkeypatch.setattr(store_module, "_sqlite_trial_records", unknown_schema)
+    monkeypatch.setattr(store_module, "_sqlite_run_records", unknown_schema)
     slow = gather_runs(store.uri, "podd-sweep")
     assert fast.runs.num_rows == 6 and (fast.running, fast.unusable) == (slow.running, slow.unusable) == (1, 0)
     assert fast.runs.drop(["test_accuracy"]).equals(slow.runs.drop(["test_accuracy"]))

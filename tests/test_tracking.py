@@ -65,3 +65,63 @@ def test_error_text_is_read_from_the_local_error_file_before_storage_has_it(tmp_
         "the trial failed without a message"
     assert _error_text(SimpleNamespace(error_file=None, get_error=lambda: "RuntimeError: x")) == \
         "RuntimeError: x"
+
+
+def test_status_progress_is_the_same_from_sqlite_and_from_mlflows_client(tmp_path, monkeypatch):
+    import sqlite3
+
+    import orchestrator.store as store_module
+    from orchestrator.status import sweep_status
+
+    spec, trials = one_trial(tmp_path)
+    recorder = open_recorder(tmp_path, spec, trials)
+    for trial, accuracies in zip(trials, ([0.30, 0.55, 0.50], [0.20])):
+        recorder.trial_started(trial)
+        for step in range(0, 7, 2):
+            recorder.trial_result(trial.key, {"step": step, "loss": 2.0 - step / 10})
+        for step, accuracy in zip((6, 8, 9), accuracies):
+            recorder.trial_result(trial.key, {"step": step, "test_accuracy": accuracy})
+    recorder.trial_finished(trials[0].key)
+
+    def progress():
+        (sweep,) = sweep_status(recorder.tracking_uri, "podd-sweep", "rec")
+        return sorted((t.status, t.step, t.best_accuracy) for t in sweep.trials)
+
+    fast = progress()
+
+    def unknown_schema(*args):
+        raise sqlite3.DatabaseError("no such table")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "_sqlite_run_records", unknown_schema)
+        slow = progress()
+    # the best accuracy so far, not the latest; the furthest step of loss or accuracy
+    assert fast == slow == [("FINISHED", 9, 0.55), ("RUNNING", 6, 0.20)]
+
+
+def test_status_of_a_long_sweep_shows_unfinished_and_best_trials_unless_all(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import STATUS_ROWS, app
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text("name: rec\ndataset: digits\nclass_order: identity\npatch_grid: 4x2\n"
+                    f"ipc: 1.0\nseeds: {list(range(STATUS_ROWS + 5))}\nsettings: {{width: 8, steps: 6}}\n")
+    trials = load_sweep(spec, dataset_info=create_dataset).trials
+    recorder = open_recorder(tmp_path, spec, trials)
+    for i, trial in enumerate(trials):
+        recorder.trial_started(trial)
+        recorder.trial_result(trial.key, {"step": 6, "test_accuracy": i / 100})
+        if i != 3:
+            recorder.trial_finished(trial.key, error="boom" if i == 4 else None)
+    uri = ["--tracking-uri", recorder.tracking_uri]
+    short = CliRunner().invoke(app, ["status", "rec", *uri])
+    assert short.exit_code == 0, short.output
+    rows = [line for line in short.stdout.splitlines() if "podd-digits" in line]
+    best = {t.name for t in trials[-10:]}
+    assert len(rows) == 12 and {r.split()[1] for r in rows} == best | {trials[3].name,
+                                                                        trials[4].name}
+    assert f"{len(trials) - 12} more finished trials not shown" in short.stdout
+    every = CliRunner().invoke(app, ["status", "rec", "--all", *uri])
+    assert len([line for line in every.stdout.splitlines() if "podd-digits" in line]) == \
+        len(trials)
