@@ -7,6 +7,8 @@ import argparse
 import os
 import resource
 
+import torch
+
 from podd_engine import make_config
 from podd_engine.pipeline import Trial, build_trial
 
@@ -33,6 +35,25 @@ def paper_trial(args: argparse.Namespace, **settings) -> Trial:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_gib(device: torch.device) -> float | None:
+    """Peak memory PyTorch allocated on the GPU since the last reset (None on the CPU): the
+    GPU counterpart of peak RSS, the same measure for every engine."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def malloc_env() -> dict[str, str]:

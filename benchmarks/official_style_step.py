@@ -19,7 +19,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import add_step_arguments, malloc_env, paper_trial, peak_rss_gib
+from common import (add_step_arguments, malloc_env, paper_trial, peak_gpu_gib, peak_rss_gib,
+                    reset_peak_memory, synchronize)
 
 from podd_engine.models import reinitialize
 from podd_engine.preprocess import apply_augmentation, draw_augmentation
@@ -30,16 +31,17 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_step_arguments(p)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    trial = paper_trial(args, device="cpu")
+    trial = paper_trial(args, device=args.device)
     config = trial.config
     geometry, labels = trial.geometry, trial.labels.array
     h, w = geometry.image_size
     positions = geometry.patch_positions.tolist()
     poster = trial.poster.clone().requires_grad_(True)
     real_x = trial.train_images[: args.real_batch]
-    real_y = trial.dataset.train_labels[: args.real_batch]
+    real_y = trial.dataset.train_labels[: args.real_batch].to(trial.device)
     net = trial.make_model()
     generator = torch.Generator().manual_seed(0)
 
@@ -73,17 +75,24 @@ def main() -> None:
             loss = F.cross_entropy(fnet(apply_augmentation(real_x, draw)), real_y)
             poster.grad = None
             loss.backward()
+        synchronize(trial.device)
         return time.perf_counter() - start
 
     baseline = peak_rss_gib()
     one_step()
+    reset_peak_memory(trial.device)
+    gpu_before = peak_gpu_gib(trial.device)
     times = [one_step() for _ in range(args.steps)]
     peak = peak_rss_gib()
+    gpu_peak = peak_gpu_gib(trial.device)
     print(json.dumps({
         "engine": "official-style (higher)", "settings": vars(args),
         "seconds_per_outer_step": round(min(times), 3),
         "seconds_per_outer_step_all": [round(t, 3) for t in times],
         "peak_rss_gib": round(peak, 2), "rss_growth_during_steps_gib": round(peak - baseline, 2),
+        "peak_gpu_gib": None if gpu_peak is None else round(gpu_peak, 3),
+        "gpu_growth_during_steps_gib": None if gpu_peak is None else round(gpu_peak - gpu_before, 3),
+        "gpu": torch.cuda.get_device_name(trial.device) if trial.device.type == "cuda" else None,
         "malloc_env": malloc_env(),
     }, indent=2))
 

@@ -64,6 +64,7 @@ class TrialConfig:
     augmentation: str = "flip_rotate"
     unroll: str = "recompute"  # recompute (memory independent of window) | store
     precision: str = "fp32"  # fp32 | bf16 (autocast; faster on AMX CPUs and tensor-core GPUs)
+    cuda_graphs: bool = True  # on CUDA (fp32): replay inner steps from captured CUDA graphs
     # evaluation protocol
     eval_models: int = 8
     eval_steps: list[int] = field(default_factory=lambda: [300, 600, 1000, 2000])
@@ -108,7 +109,8 @@ class TrialConfig:
         """A stable hash of the settings that change the result (not where files live, nor
         settings the method ignores)."""
         science = {k: v for k, v in self.canonical().to_dict().items()
-                   if k not in ("device", "data_root", "cache_dir", "real_chunk")}
+                   if k not in ("device", "data_root", "cache_dir", "real_chunk",
+                                "cuda_graphs")}
         return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
 
     def validate(self) -> None:

@@ -226,7 +226,8 @@ def distill(
         schedule = InnerSchedule(c.total_inner_steps, c.window, c.distill_batch, c.inner_lr,
                                  augmentation=c.augmentation)
         outer = OuterSettings(c.lr, c.label_lr_scale, c.clip_coef, real_batch=c.real_batch,
-                              real_chunk=c.real_chunk, unroll=c.unroll, precision=c.precision)
+                              real_chunk=c.real_chunk, unroll=c.unroll, precision=c.precision,
+                              cuda_graphs=c.cuda_graphs)
         distiller = Distiller(trial.make_model(), SyntheticSet(trial.geometry, trial.labels),
                               trial.poster, trial.train_images,
                               trial.dataset.train_labels.to(trial.device), schedule, outer,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from podd_engine.cuda_graphs import StepGraphs, cuda_graphs_supported
 from podd_engine.labels import PosterLabels
 from podd_engine.models import reinitialize
 from podd_engine.poster import PosterGeometry, extract_patches
@@ -84,8 +85,9 @@ class AdamState:
                    {k: torch.zeros_like(p) for k, p in params.items()})
 
     def clone(self) -> "AdamState":
-        return AdamState(*({k: t.clone() for k, t in d.items()} for d in (self.params, self.m,
-                                                                          self.v)), self.step)
+        """A copy that shares nothing with this state, not even an autograd history."""
+        return AdamState(*({k: t.detach().clone() for k, t in d.items()}
+                           for d in (self.params, self.m, self.v)), self.step)
 
 
 @dataclass(frozen=True)
@@ -255,16 +257,16 @@ def draw_plan(num_patches: int, real_batch: int, schedule: InnerSchedule,
         high = schedule.total_steps - schedule.window
         curriculum_start = int(torch.randint(0, high + 1, (1,), generator=generator))
     batch = min(schedule.batch_size, num_patches)
-
-    def draw_inner() -> InnerBatch:
-        indices = torch.randperm(num_patches, generator=generator)[:batch].sort().values
-        return InnerBatch(indices.to(device), draw_augmentation(batch, schedule.augmentation,
-                                                                generator))
-
-    curriculum = [draw_inner() for _ in range(curriculum_start)]
-    window = [draw_inner() for _ in range(schedule.window)]
-    return OuterPlan(curriculum, window, draw_augmentation(real_batch, schedule.augmentation,
-                                                           generator))
+    steps = curriculum_start + schedule.window
+    indices, draws = [], []
+    for _ in range(steps):
+        indices.append(torch.randperm(num_patches, generator=generator)[:batch].sort().values)
+        draws.append(draw_augmentation(batch, schedule.augmentation, generator))
+    # one host-to-device copy of every step's patch indices instead of one per inner step
+    on_device = torch.stack(indices).to(device) if steps else torch.empty(0, batch)
+    inner = [InnerBatch(on_device[i], draws[i]) for i in range(steps)]
+    return OuterPlan(inner[:curriculum_start], inner[curriculum_start:],
+                     draw_augmentation(real_batch, schedule.augmentation, generator))
 
 
 def meta_gradient(
@@ -282,21 +284,34 @@ def meta_gradient(
     real_chunk: int = 1000,
     precision: str = "fp32",
     learn_labels: bool = False,
+    graphs: StepGraphs | None = None,
 ) -> MetaGradient:
     """Gradient of the real-batch loss after the inner loop w.r.t. the poster (and labels),
-    starting from the network state `initial` (it is consumed)."""
+    starting from the network state `initial` (it is consumed). With `graphs` (CUDA, fp32)
+    the inner steps are replayed from captured CUDA graphs (podd_engine/cuda_graphs.py)."""
     if unroll not in UNROLL_MODES:
         raise ValueError(f"unroll must be one of {', '.join(UNROLL_MODES)}, got {unroll!r}")
     state = initial
+    if graphs is not None:
+        state = graphs.begin(state, poster, label_array)
+
+    def plain_step(inner: InnerBatch) -> None:
+        if graphs is not None:
+            graphs.plain_step(state, inner)
+        else:
+            inner_step(model, state, synthetic, poster, label_array, inner, schedule, precision,
+                       differentiable=False)
+
     for inner in plan.curriculum:  # curriculum: ordinary steps, no graph
-        inner_step(model, state, synthetic, poster, label_array, inner, schedule, precision,
-                   differentiable=False)
+        plain_step(inner)
 
     poster_leaf = poster.detach().requires_grad_(True)
     labels_leaf = label_array.detach().requires_grad_(learn_labels)
     wrt = [poster_leaf] + ([labels_leaf] if learn_labels else [])
 
     if unroll == "store":
+        if graphs is not None:  # leave the graphs' static tensors alone from here on
+            state = state.clone()
         for p in state.params.values():
             p.requires_grad_(True)
         for inner in plan.window:
@@ -312,13 +327,15 @@ def meta_gradient(
         saved: list[AdamState] = []
         for inner in plan.window:  # forward without a graph, remembering each step's input state
             saved.append(state.clone())
-            inner_step(model, state, synthetic, poster, label_array, inner, schedule, precision,
-                       differentiable=False)
+            plain_step(inner)
         grad_params, loss, accuracy = real_loss_gradient(
             model, state.params, real_images, real_labels, plan.real_augmentation, real_chunk,
             precision)
-        grads = _reverse_sweep(model, synthetic, saved, plan.window, grad_params, poster_leaf,
-                               labels_leaf, wrt, schedule, precision)
+        if graphs is not None:
+            grads = _reverse_sweep_graphed(graphs, saved, plan.window, grad_params)
+        else:
+            grads = _reverse_sweep(model, synthetic, saved, plan.window, grad_params,
+                                   poster_leaf, labels_leaf, wrt, schedule, precision)
     poster_grad = grads[0] if grads[0] is not None else torch.zeros_like(poster)
     label_grad = None
     if learn_labels:
@@ -357,6 +374,24 @@ def _reverse_sweep(model: nn.Module, synthetic: SyntheticSet, saved: list[AdamSt
     return totals
 
 
+def _reverse_sweep_graphed(graphs: StepGraphs, saved: list[AdamState], window: list[InnerBatch],
+                           grad_params: Params) -> list[torch.Tensor | None]:
+    """`_reverse_sweep` with each step replayed from a CUDA graph."""
+    keys = list(grad_params)
+    adjoint = ([grad_params[k] for k in keys] + [torch.zeros_like(grad_params[k]) for k in keys]
+               + [torch.zeros_like(grad_params[k]) for k in keys])
+    totals: list[torch.Tensor | None] = []
+    for state, inner in zip(reversed(saved), reversed(window)):
+        outputs, wrt_grads = graphs.reverse_step(state, inner, adjoint)
+        adjoint = outputs  # copied into the graph's input before its next replay
+        if not totals:
+            totals = [None if g is None else g.clone() for g in wrt_grads]
+        else:
+            totals = [t if g is None else (g.clone() if t is None else t + g)
+                      for t, g in zip(totals, wrt_grads)]
+    return totals
+
+
 def _or_zero(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return grad.detach() if grad is not None else torch.zeros_like(like)
 
@@ -375,6 +410,7 @@ class OuterSettings:
     real_chunk: int = 1000
     unroll: str = "recompute"
     precision: str = "fp32"
+    cuda_graphs: bool = True  # replay inner steps from CUDA graphs (CUDA, fp32 only)
 
 
 def clip_to_ema(grad: torch.Tensor, ema: float | None, coef: float = 0.9,
@@ -416,6 +452,7 @@ class Distiller:
     optimizer: torch.optim.Adam = field(init=False)
     _order: torch.Tensor | None = field(default=None, init=False)
     _cursor: int = field(default=0, init=False)
+    _graphs: StepGraphs | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.poster = self.poster.detach().requires_grad_(True)
@@ -429,6 +466,15 @@ class Distiller:
     @property
     def learn_labels(self) -> bool:
         return self.synthetic.labels.mode == "learned"
+
+    def step_graphs(self) -> StepGraphs | None:
+        """The captured inner steps, made on first use (None where graphs are not used)."""
+        if self._graphs is None and self.outer.cuda_graphs and cuda_graphs_supported(
+                self.poster.device, self.outer.precision):
+            self._graphs = StepGraphs(self.model, self.synthetic, self.schedule,
+                                      self.learn_labels, self.poster,
+                                      self.synthetic.labels.array)
+        return self._graphs
 
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Epochs over the training set in a seeded random order (like a shuffled loader)."""
@@ -451,7 +497,7 @@ class Distiller:
                                self.poster.detach(), self.synthetic.labels.array.detach(),
                                images, labels, self.schedule, plan, unroll=self.outer.unroll,
                                real_chunk=self.outer.real_chunk, precision=self.outer.precision,
-                               learn_labels=self.learn_labels)
+                               learn_labels=self.learn_labels, graphs=self.step_graphs())
         if not math.isfinite(result.real_loss) or not torch.isfinite(result.poster).all():
             raise NonFiniteError(f"outer step {self.step_count + 1}: the real-batch loss or the "
                                  f"poster gradient is not finite (loss {result.real_loss})")
