@@ -32,6 +32,22 @@ def _norm(kind: str, width: int) -> nn.Module:
     raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
 
 
+class AvgPool2x2(nn.Module):
+    """2x2 average pooling, stride 2 (floor mode: a trailing odd row or column is dropped), as
+    nn.AvgPool2d(2, 2). On CUDA it is computed as a mean over a reshaped view: PyTorch's
+    avg_pool2d backward kernel is about 5x slower than its forward and was the most expensive
+    GPU kernel of a RaT-BPTT step (14 % at the CIFAR-10 paper geometry), while the mean's
+    backward (and double backward) are plain elementwise and reduction kernels. Same values
+    up to float rounding (tests/test_cuda.py); CPUs keep avg_pool2d, which is faster there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return nn.functional.avg_pool2d(x, 2, 2)
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        x = x[..., :2 * h, :2 * w]
+        return x.reshape(*x.shape[:-2], h, 2, w, 2).mean(dim=(-3, -1))
+
+
 class ConvNet(nn.Module):
     def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int],
                  width: int = 128, depth: int | None = None, norm: str = "instancenorm") -> None:
@@ -45,7 +61,7 @@ class ConvNet(nn.Module):
         in_channels = channels
         for _ in range(depth):
             layers += [nn.Conv2d(in_channels, width, 3, padding=1), _norm(norm, width),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2, 2)]
+                       nn.ReLU(inplace=True), AvgPool2x2()]
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * (h >> depth) * (w >> depth), num_classes)
