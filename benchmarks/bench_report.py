@@ -6,7 +6,8 @@
 Fills a sqlite store (once; reused when it already holds the runs) with synthetic trial runs
 shaped like the sweep recorder's (every engine setting as a param, about 55 params, the test
 accuracy metrics and tags), through the MLflow client; then times the report in a fresh
-process, the way a user runs it, and the gathering step alone in-process.
+process, the way a user runs it (`--format json`, then the default table), and the gathering
+step alone in-process.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def fill(uri: str, runs: int) -> None:
             print(f"  {i + 1} runs ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
 
+def time_report(uri: str, output_format: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`podd-sweep report --dataset cifar10` in a fresh process, as a user runs it, and its
+    wall time from process start to exit."""
+    cli = str(Path(sys.executable).with_name("podd-sweep"))
+    start = time.perf_counter()
+    done = subprocess.run([cli, "report", "--dataset", "cifar10", "--tracking-uri", uri,
+                           "--format", output_format], capture_output=True, text=True)
+    return done, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10_000)
@@ -71,12 +82,9 @@ def main() -> None:
     uri = f"sqlite:///{args.store.resolve()}"
     fill(uri, args.runs)
 
-    cli = str(Path(sys.executable).with_name("podd-sweep"))
-    start = time.perf_counter()
-    done = subprocess.run([cli, "report", "--dataset", "cifar10", "--tracking-uri", uri,
-                           "--format", "json"], capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    done, wall = time_report(uri, "json")
     verdict = json.loads(done.stdout)["datasets"][0] if done.stdout else {}
+    table, table_wall = time_report(uri, "table")  # the default: what a user sees
 
     from orchestrator.report import gather_runs
     start = time.perf_counter()
@@ -87,7 +95,9 @@ def main() -> None:
         "machine": f"{platform.node()} ({platform.machine()})",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "runs": gathered.runs.num_rows, "exit_code": done.returncode,
-        "report_wall_s": round(wall, 2), "gather_in_process_s": round(gather, 2),
+        "report_wall_s": round(wall, 2), "report_table_wall_s": round(table_wall, 2),
+        "table_exit_code": table.returncode, "gather_in_process_s": round(gather, 2),
+        "verdict_state": verdict.get("verdict", {}).get("state"),
         "verdict": verdict.get("verdict", {}).get("message", done.stderr[-300:]),
     }
     print(json.dumps(result, indent=2))

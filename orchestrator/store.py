@@ -9,13 +9,16 @@ import contextlib
 import os
 import re
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 SWEEP_TAG = "podd.sweep"        # on the parent run and every trial run of a sweep
 ROLE_TAG = "podd.role"          # sweep | trial
 KEY_TAG = "podd.trial_key"      # hash of the trial's engine config (TrialConfig.key)
 ERROR_TAG = "podd.error"        # why a trial failed
+DATASET_TAG = "podd.dataset"    # on trial runs from their start, before any param
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -46,16 +49,81 @@ def open_store(tracking_uri: str | None, experiment: str):
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run "
-                         f"`podd-sweep launch SPEC` here first, or pass --tracking-uri")
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no experiment {experiment!r} in {uri}: use --experiment with one of "
-                         f"{', '.join(names) or '(none: the store is empty)'}")
+    check_local_store(uri)
+    with mlflow_errors(uri):
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = [e.name for e in client.search_experiments()]
+            raise ValueError(f"no experiment {experiment!r} in {uri}: use --experiment with one "
+                             f"of {', '.join(names) or '(none: the store is empty)'}")
     return client, found.experiment_id
+
+
+# The tables the direct reader queries; MLflow's own bookkeeping table marks the file as its.
+MLFLOW_SQLITE_TABLES = frozenset({"experiments", "runs", "tags", "params", "latest_metrics",
+                                  "metrics", "alembic_version"})
+
+
+def _no_store(path: Path) -> ValueError:
+    return ValueError(f"no MLflow store at {path}: run `podd-sweep launch SPEC` here first, or "
+                      f"pass --tracking-uri")
+
+
+def check_local_store(uri: str) -> None:
+    """A ValueError unless a local store (sqlite file, file: folder) exists and is MLflow's.
+
+    MLflow's client *creates* what it does not find: the tables in an empty or foreign sqlite
+    file, a folder and its default experiment for a file: store. Reading must never write to a
+    file the user pointed at by mistake, so it is checked here, read-only, before the client
+    ever sees it."""
+    if uri.startswith("sqlite:///"):
+        _check_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+    elif uri.startswith("file:"):
+        _check_file_store(Path(unquote(urlparse(uri).path)))
+
+
+def _check_sqlite_store(path: Path) -> None:
+    if not path.exists():
+        raise _no_store(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an MLflow sqlite store: pass "
+                         f"--tracking-uri file:{path} for a folder store")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:  # "file is not a database"
+        raise ValueError(f"{path} is not an MLflow store (not a sqlite database)") from None
+    if not tables:
+        raise ValueError(f"{path} is not an MLflow store (an empty sqlite file): run "
+                         f"`podd-sweep launch SPEC` to fill it, or pass --tracking-uri")
+    missing = MLFLOW_SQLITE_TABLES - tables
+    if missing:
+        raise ValueError(f"{path} is a sqlite database but not an MLflow store (no "
+                         f"{', '.join(sorted(missing))} table)")
+
+
+def _check_file_store(root: Path) -> None:
+    if not root.exists():
+        raise _no_store(root)
+    # MLflow's file store keeps a .trash folder and one folder with a meta.yaml per experiment
+    if not root.is_dir() or not ((root / ".trash").is_dir() or any(root.glob("*/meta.yaml"))):
+        raise ValueError(f"{root} is not an MLflow file store (no .trash folder or experiment "
+                         f"meta.yaml in it)")
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str) -> Iterator[None]:
+    """MLflow's own errors (a store it cannot read, a schema it would have to migrate, a server
+    that does not answer) as one ValueError line the CLI shows, not a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        first_line = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"MLflow could not read the store {uri}: {first_line}") from None
 
 
 def search_all(client, experiment_id: str, filter_string: str) -> list:
@@ -92,30 +160,31 @@ def run_records(tracking_uri: str | None, experiment: str, *, role: str = "trial
 
     A sqlite store is read directly (one query per table: 10,000 runs in about a second, where
     MLflow's client builds an object per param and takes 15 s); any other store, or a sqlite
-    file whose tables are not MLflow's as expected, goes through MLflow's client."""
+    store whose columns are not the ones this reader knows, goes through MLflow's client. A
+    local store that does not exist or is not MLflow's is a ValueError, never created."""
     uri = resolve_tracking_uri(tracking_uri)
+    check_local_store(uri)
     if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise ValueError(f"no MLflow store at {path}: run `podd-sweep launch SPEC` here "
-                             f"first, or pass --tracking-uri")
         try:
-            return _sqlite_run_records(path, experiment, role, sweep, peaks)
+            return _sqlite_run_records(Path(uri.removeprefix("sqlite:///")), experiment, role,
+                                       sweep, peaks)
         except sqlite3.DatabaseError:
-            pass  # not the schema this reader knows: MLflow's client reads it
+            pass  # MLflow's tables, but columns this reader does not know: the client reads it
     client, experiment_id = open_store(tracking_uri, experiment)
     query = f"tags.`{ROLE_TAG}` = '{role}'"
     if sweep is not None:
         query += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
     records = []
-    for run in search_all(client, experiment_id, query):
-        record = RunRecord(run.info.run_id, run.info.run_name, run.info.status,
-                           dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
-        for key in set(peaks) & set(record.metrics):  # a metric's steps cost a request each
-            history = client.get_metric_history(record.run_id, key)
-            record.steps[key] = max(m.step for m in history)
-            record.peaks[key] = max(m.value for m in history)
-        records.append(record)
+    with mlflow_errors(uri):
+        for run in search_all(client, experiment_id, query):
+            record = RunRecord(run.info.run_id, run.info.run_name, run.info.status,
+                               dict(run.data.params), dict(run.data.metrics),
+                               dict(run.data.tags))
+            for key in set(peaks) & set(record.metrics):  # a metric's steps: a request each
+                history = client.get_metric_history(record.run_id, key)
+                record.steps[key] = max(m.step for m in history)
+                record.peaks[key] = max(m.value for m in history)
+            records.append(record)
     return records
 
 

@@ -3,6 +3,9 @@
 Everything is written to a temporary file in the destination folder and renamed over the
 destination only once complete (`os.replace` is atomic on POSIX and Windows within a folder).
 If writing fails, the temporary file is removed and any previous destination file is untouched.
+
+Torch is imported only by `atomic_torch_save`, so that writers of plain files (the report's
+JSON/CSV/Parquet, PNGs) do not pay seconds for it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -36,11 +37,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike, encoding: str = "utf-8") -> Path:
+    return atomic_write_bytes(text.encode(encoding), path)
+
+
+def __getattr__(name: str) -> Any:
+    """`fileio.torch`, imported on first use (tests patch `fileio.torch.save`)."""
+    if name == "torch":
+        import torch
+
+        return torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _current_umask() -> int:
