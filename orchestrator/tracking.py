@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,20 @@ from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_
 STEP_METRICS = ("loss", "real_accuracy", "grad_norm", "seconds_per_step",
                 "trial_seconds",     # the engine's own time for the whole trial (final report)
                 "started_at_step")   # the step a trial (re)started from: 0, or its checkpoint
-EVENT = "podd_event"  # setup | step | checkpoint | eval | final | diverged
+EVENT = "podd_event"  # attempt | setup | step | checkpoint | eval | final | diverged | stopped
+ATTEMPT = "attempt"   # the first report of every attempt at a trial: where it runs
+STOPPED = "stopped"   # a trial's answer to a stop request (Ctrl-C): its last checkpoint
 INFO = "podd_info"    # trial facts known once the trial is built (logged as params)
+# in a setup report: checkpoints the trial skipped as damaged, one "FOLDER: REASON" per line
+DAMAGED_CHECKPOINTS = "podd_damaged_checkpoints"
 POSTER_PNG = "poster.png"
 ARTIFACT_DIR = "artifact"
+
+# Tags a trial run gets at every (re)start: params are write-once, and a retried trial can run
+# on another node than its first attempt (the `node_id` param).
+NODE_TAG = "podd.node_id"        # the node of the latest attempt
+NODES_TAG = "podd.nodes"         # every attempt's node, in order, space-separated
+DAMAGED_TAG = "podd.damaged_checkpoints"  # checkpoints skipped as damaged, and why
 
 
 def _now_ms() -> int:
@@ -43,6 +55,15 @@ def _now_ms() -> int:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text[:6000]  # MLflow's limit on a param value
+
+
+@dataclass(frozen=True)
+class RecordedSweep:
+    """What MLflow already holds of a sweep of this name."""
+
+    parent_run_id: str
+    fingerprint: str | None  # of its set of trials (Sweep.fingerprint), as first recorded
+    trial_runs: int
 
 
 class SweepRecorder:
@@ -58,6 +79,7 @@ class SweepRecorder:
         self.runs: dict[str, str] = {}  # trial key -> run id
         self._last_step: dict[tuple[str, str], int] = {}  # (run, metric) -> last logged step
         self._params: dict[str, set[str]] = {}  # run -> param keys already logged
+        self._nodes: dict[str, list[str]] = {}  # run -> the node of each attempt so far
         self.failed: dict[str, str] = {}  # trial key -> error line
         self.done: set[str] = set()  # trials whose runs had FINISHED before this process
 
@@ -75,6 +97,21 @@ class SweepRecorder:
         return self._client
 
     # -- the sweep's parent run --
+    def recorded_sweep(self) -> RecordedSweep | None:
+        """The sweep of this name already in the store, if any (reads only)."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return None
+        self.experiment_id = experiment.experiment_id
+        found = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
+                             f"tags.`{ROLE_TAG}` = 'sweep'")
+        if not found:
+            return None
+        trials = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
+                              f"tags.`{ROLE_TAG}` = 'trial'")
+        return RecordedSweep(found[0].info.run_id, found[0].data.params.get("fingerprint"),
+                             len(trials))
+
     def open_sweep(self, *, spec_text: str, fingerprint: str, trials: int,
                    params: dict[str, Any]) -> str:
         client = self.client
@@ -125,6 +162,7 @@ class SweepRecorder:
                       PARENT_TAG: self.parent_id, "podd.method": trial.config.method,
                       "podd.dataset": trial.config.dataset})
             run_id = self.runs[trial.key] = run.info.run_id
+            self._nodes[run_id] = []
         elif self.client.get_run(run_id).info.status == "FINISHED":
             # a killed driver's last experiment snapshot can predate a trial's end, so the
             # resumed sweep replays the trial from its final checkpoint: its run stays as it was
@@ -134,6 +172,7 @@ class SweepRecorder:
             self.client.update_run(run_id, status="RUNNING")
             self.failed.pop(trial.key, None)
             tags = self.client.get_run(run_id).data.tags
+            self._nodes[run_id] = tags.get(NODES_TAG, "").split()
             if ERROR_TAG in tags:
                 self.client.set_tag(run_id, "podd.last_error", tags[ERROR_TAG])
                 self.client.delete_tag(run_id, ERROR_TAG)
@@ -146,8 +185,12 @@ class SweepRecorder:
         if key in self.done:
             return
         run_id = self.runs[key]
-        if isinstance(result.get(INFO), dict):
+        if result.get(EVENT) == ATTEMPT:
+            self._attempt_started(run_id, result.get(INFO, {}).get("node_id"))
+        elif isinstance(result.get(INFO), dict):
             self._log_params(run_id, result[INFO])
+        if result.get(DAMAGED_CHECKPOINTS):
+            self._damaged_checkpoints(run_id, str(result[DAMAGED_CHECKPOINTS]))
         step = int(result.get("step", 0))
         values = {k: v for k, v in result.items()
                   if (k in STEP_METRICS or k.startswith("test_accuracy"))
@@ -192,6 +235,34 @@ class SweepRecorder:
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
 
     # -- helpers --
+    def _attempt_started(self, run_id: str, node_id: str | None) -> None:
+        """Record the node of this attempt; the `node_id` param keeps the first one."""
+        from mlflow.entities import Param, RunTag
+
+        if not node_id:
+            return
+        if run_id not in self._nodes:
+            self._nodes[run_id] = self.client.get_run(run_id).data.tags.get(NODES_TAG, "").split()
+        self._nodes[run_id].append(node_id)
+        if run_id not in self._params:
+            self._params[run_id] = set(self.client.get_run(run_id).data.params)
+        first = "node_id" not in self._params[run_id]
+        # one write per attempt: a sweep of 200 short trials makes 200 of them
+        self.client.log_batch(
+            run_id, params=[Param("node_id", node_id)] if first else [],
+            tags=[RunTag(NODE_TAG, node_id),
+                  RunTag(NODES_TAG, " ".join(self._nodes[run_id])[:5000])])
+        self._params[run_id].add("node_id")
+
+    def _damaged_checkpoints(self, run_id: str, lines: str) -> None:
+        """A trial skipped damaged checkpoints when it chose where to resume: say so on the
+        console and on its run (the checkpoint folders can be deleted or inspected)."""
+        name = self.client.get_run(run_id).info.run_name
+        for line in lines.splitlines():
+            print(f"warning: trial {name}: skipped damaged checkpoint {line}", file=sys.stderr,
+                  flush=True)
+        self.client.set_tag(run_id, DAMAGED_TAG, lines[:5000])
+
     def _search(self, filter_string: str) -> list:
         return search_all(self.client, self.experiment_id, filter_string)
 

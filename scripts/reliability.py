@@ -4,7 +4,7 @@ and appends its result to docs/results/reliability.jsonl (docs/reliability.md ex
 
     python scripts/reliability.py killed-driver   # kill -9 the driver mid-sweep, run it again
     python scripts/reliability.py ctrl-c          # SIGINT mid-sweep, run it again
-    python scripts/reliability.py crash           # an error, an OOM and a NaN in three trials
+    python scripts/reliability.py crash           # an error, an OOM, NaN/inf posters, a NaN loss
     python scripts/reliability.py cluster         # ray start head + worker; kill the worker
     python scripts/reliability.py mlflow-server   # a tracking server + a headless browser
     python scripts/reliability.py load --trials 200
@@ -131,51 +131,53 @@ def common_end_checks(checks: Checks, uri: str, sweep: str, expected_trials: int
 
 def drill_interrupt(kind: str) -> bool:
     """kill -9 (killed-driver) or SIGINT (ctrl-c) the driver while some trials are finished and
-    others are mid-way, then run the same command again."""
+    others are mid-way, then run the same command again.
+
+    ctrl-c also interrupts a launch while it starts, and stops the resumed launch with two
+    quick Ctrl-Cs before the last launch finishes the sweep."""
     checks = Checks(kind)
     folder = Path(tempfile.mkdtemp(prefix=f"podd-{kind}-"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    spec = write_spec(folder, kind, seeds=3, steps=150, checkpoint_every=10)
+    # ctrl-c runs three launches after the start-up one: shorter trials keep it in CI time
+    seeds, steps = (3, 150) if kind == "killed-driver" else (2, 100)
+    spec = write_spec(folder, kind, seeds=seeds, steps=steps, checkpoint_every=10)
+    if kind == "ctrl-c":
+        interrupt_start_up(checks, spec)
     process = start_launch(spec)
 
     def midway():
         runs = trial_runs(uri, kind)
         finished = [r for r in runs if r.info.status == "FINISHED"]
+        # past step 25 and short of its last steps (not already evaluating its poster)
         running = [r for r in runs if r.info.status == "RUNNING" and
-                   max(loss_steps(uri, r), default=0) >= 25]
+                   25 <= max(loss_steps(uri, r), default=0) <= steps - 30]
         return (finished, running) if finished and running else None
 
-    finished, running = wait_until(midway, 600, "a finished trial and one past step 25")
+    finished, running = wait_until(midway, 600, "a finished trial and one mid-way")
     before = {r.info.run_id: r.info.end_time for r in finished}
     if kind == "killed-driver":
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         checks.check("driver killed with SIGKILL", process.returncode == -signal.SIGKILL)
     else:
+        interrupted = time.time()
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=300)
+        checks.facts["stop_s"] = round(time.time() - interrupted, 1)
         checks.check("first Ctrl-C stops gracefully with exit code 130", code == 130,
-                     f"exit code {code}")
-        after_stop = trial_runs(uri, kind)
-        left_running = [r.info.run_name for r in after_stop if r.info.status == "RUNNING"]
-        checks.check("no run left RUNNING after Ctrl-C", not left_running, f"{left_running}")
-        killed = [r.info.run_name for r in after_stop if r.info.status == "KILLED"]
-        checks.check("interrupted runs marked KILLED", len(killed) >= 1, f"{len(killed)} KILLED")
-        client = client_for(uri)
-        parent = client.search_runs([after_stop[0].info.experiment_id],
-                                    f"tags.`podd.sweep` = '{kind}' and tags.`podd.role` = 'sweep'")
-        checks.check("the sweep's parent run marked KILLED",
-                     [p.info.status for p in parent] == ["KILLED"],
-                     f"{[p.info.status for p in parent]}")
+                     f"exit code {code} after {checks.facts['stop_s']} s")
+        check_stopped_runs(checks, uri, kind)
     steps_at_stop = {r.info.run_id: max(loss_steps(uri, r), default=0)
                      for r in trial_runs(uri, kind) if r.info.status != "FINISHED"}
+    checks.facts["steps_at_stop"] = sorted(steps_at_stop.values())
     time.sleep(3)  # a killed driver's local Ray notices that it is gone
+    if kind == "ctrl-c":
+        interrupt_twice(checks, spec, uri, steps_at_stop)
     started = time.time()
     code = run_launch(spec)
-    checks.facts.update(resume_wall_s=round(time.time() - started, 1),
-                        steps_at_stop=list(steps_at_stop.values()))
+    checks.facts["resume_wall_s"] = round(time.time() - started, 1)
     checks.check("the same command resumes and finishes (exit 0)", code == 0, f"exit code {code}")
-    runs = common_end_checks(checks, uri, kind, 6)
+    runs = common_end_checks(checks, uri, kind, 2 * seeds)
     by_id = {r.info.run_id: r for r in runs}
     checks.check("trials finished before the stop were not rerun",
                  all(by_id[i].info.end_time == t for i, t in before.items() if i in by_id),
@@ -183,35 +185,107 @@ def drill_interrupt(kind: str) -> bool:
     client = client_for(uri)
     for run_id, step in steps_at_stop.items():
         starts = [m.step for m in client.get_metric_history(run_id, "started_at_step")]
-        resumed_from = max(starts, default=0)
-        # at most one checkpoint interval (10) plus one logging interval (5) is redone
-        checks.check(f"{by_id[run_id].info.run_name} resumed from its checkpoint",
-                     step - resumed_from < 10 + 5 and (resumed_from > 0 or step < 10),
-                     f"{step} steps logged at the stop, resumed at step {resumed_from}")
+        name = by_id[run_id].info.run_name
+        if kind == "ctrl-c":
+            # the first Ctrl-C made the trial save a checkpoint at the step it had reached
+            # (and log its loss there): the resumed trial started exactly at that step
+            checks.check(f"{name} resumed at the step where Ctrl-C stopped it",
+                         step in starts, f"stopped at step {step}, (re)started at {starts}")
+        else:
+            resumed_from = max(starts, default=0)
+            # at most one checkpoint interval (10) plus one logging interval (5) is redone
+            checks.check(f"{name} resumed from its checkpoint",
+                         step - resumed_from < 10 + 5 and (resumed_from > 0 or step < 10),
+                         f"{step} steps logged at the stop, resumed at step {resumed_from}")
     shutil.rmtree(folder, ignore_errors=True)
     return checks.record(f"python scripts/reliability.py {kind}")
 
 
+def check_stopped_runs(checks: Checks, uri: str, sweep: str) -> None:
+    """After a Ctrl-C: nothing RUNNING, the interrupted trial runs and the parent KILLED."""
+    runs = trial_runs(uri, sweep)
+    left_running = [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    checks.check("no run left RUNNING after Ctrl-C", not left_running, f"{left_running}")
+    killed = [r.info.run_name for r in runs if r.info.status == "KILLED"]
+    checks.check("interrupted runs marked KILLED", len(killed) >= 1, f"{len(killed)} KILLED")
+    parent = client_for(uri).search_runs(
+        [runs[0].info.experiment_id],
+        f"tags.`podd.sweep` = '{sweep}' and tags.`podd.role` = 'sweep'")
+    statuses = [p.info.status for p in parent]
+    checks.check("the sweep's parent run marked KILLED", statuses == ["KILLED"], f"{statuses}")
+
+
+def _one_line_exit(log: str) -> tuple[bool, str]:
+    """A launch stopped at once ends with one line saying so, and prints no traceback."""
+    lines = [line for line in log.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last.startswith("interrupted: stopped at once") and "Traceback" not in log, last
+
+
+def interrupt_start_up(checks: Checks, spec: Path) -> None:
+    """Ctrl-C while launch starts (modules imported, data set loaded, Ray starting)."""
+    log = spec.with_suffix(".log")
+    offset = log.stat().st_size if log.exists() else 0
+    process = start_launch(spec)
+    time.sleep(6)
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=120)
+    ok, last = _one_line_exit(log.read_text()[offset:])
+    checks.check("Ctrl-C during start-up: exit 130, one line, no traceback", code == 130 and ok,
+                 f"exit code {code}: {last!r}")
+
+
+def interrupt_twice(checks: Checks, spec: Path, uri: str, steps_at_stop: dict) -> None:
+    """The resumed launch gets two Ctrl-Cs in quick succession: it stops at once."""
+    log = spec.with_suffix(".log")
+    offset = log.stat().st_size
+    process = start_launch(spec)
+
+    def resumed_and_going():
+        return any(r.info.status == "RUNNING" and
+                   max(loss_steps(uri, r), default=0) > steps_at_stop.get(r.info.run_id, 0) + 5
+                   for r in trial_runs(uri, spec.stem))
+
+    wait_until(resumed_and_going, 300, "a resumed trial 5 steps on")
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.2)
+    interrupted = time.time()
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=120)
+    checks.facts["second_ctrl_c_exit_s"] = round(time.time() - interrupted, 1)
+    ok, last = _one_line_exit(log.read_text()[offset:])
+    checks.check("two Ctrl-Cs: exit 130 at once, one line, no traceback", code == 130 and ok,
+                 f"exit code {code} {checks.facts['second_ctrl_c_exit_s']} s after the second: "
+                 f"{last!r}")
+    left_running = [r.info.run_name for r in trial_runs(uri, spec.stem)
+                    if r.info.status == "RUNNING"]
+    checks.check("no run left RUNNING after two Ctrl-Cs", not left_running, f"{left_running}")
+    time.sleep(3)
+
+
 def drill_crash() -> bool:
-    """An engine error (retried, recovers), an out-of-memory (retried, fails for good) and a NaN
-    (stops at once) in three trials; the fourth carries on."""
+    """An engine error (retried, recovers), an out-of-memory (retried, fails for good), and a
+    NaN poster, an inf poster and a NaN loss (each stops its trial at once) in five trials; the
+    sixth carries on."""
     checks = Checks("crash")
     folder = Path(tempfile.mkdtemp(prefix="podd-crash-"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    spec = write_spec(folder, "crash", seeds=2, steps=30)
+    spec = write_spec(folder, "crash", seeds=3, steps=30)
     faults = folder / "faults.json"
     faults.write_text(json.dumps([
         {"trial": "ipc0.5-4x2-identity-fixed-s0", "step": 15, "kind": "error", "times": 1},
         {"trial": "ipc0.5-4x2-identity-fixed-s1", "step": 15, "kind": "oom", "times": 99},
-        {"trial": "ipc1-4x2-identity-fixed-s0", "step": 12, "kind": "nan", "times": 99}]))
+        {"trial": "ipc1-4x2-identity-fixed-s0", "step": 12, "kind": "nan-poster", "times": 99},
+        {"trial": "ipc1-4x2-identity-fixed-s1", "step": 12, "kind": "nan-loss", "times": 99},
+        {"trial": "ipc0.5-4x2-identity-fixed-s2", "step": 12, "kind": "inf-poster", "times": 99}]))
     code = run_launch(spec, env={"PODD_SWEEP_FAULTS": str(faults)})
     log = spec.with_suffix(".log").read_text()
     checks.check("launch exits non-zero", code == 1, f"exit code {code}")
-    checks.check("summary names what failed", "2 trial(s) failed" in log
+    checks.check("summary names what failed", "4 trial(s) failed" in log
                  and "injected out-of-memory" in log and "diverged, stopped" in log)
     runs = {r.info.run_name: r for r in trial_runs(uri, "crash")}
     by = {name.split("-")[2] + "-" + name.split("-")[-2]: r for name, r in runs.items()}
-    error, oom, nan, clean = by["ipc0.5-s0"], by["ipc0.5-s1"], by["ipc1-s0"], by["ipc1-s1"]
+    error, oom, clean = by["ipc0.5-s0"], by["ipc0.5-s1"], by["ipc1-s2"]
     checks.check("engine error: retried from its checkpoint and finished",
                  error.info.status == "FINISHED" and error.data.tags.get("podd.retries") == "1"
                  and loss_steps(uri, error) == sorted(set(loss_steps(uri, error))),
@@ -220,11 +294,15 @@ def drill_crash() -> bool:
                  oom.info.status == "FAILED" and oom.data.tags.get("podd.retries") == "1"
                  and "injected out-of-memory" in oom.data.tags.get("podd.error", ""),
                  oom.data.tags.get("podd.error", ""))
-    checks.check("NaN: stopped at once (no retry, no evaluation) and FAILED with the reason",
-                 nan.info.status == "FAILED" and "podd.retries" not in nan.data.tags
-                 and "not finite" in nan.data.tags.get("podd.error", "")
-                 and "test_accuracy" not in nan.data.metrics,
-                 nan.data.tags.get("podd.error", ""))
+    for what, run, reason in (("NaN poster", by["ipc1-s0"], "not finite"),
+                              ("NaN loss", by["ipc1-s1"], "(loss nan)"),
+                              ("inf poster", by["ipc0.5-s2"], "not finite")):
+        error_text = run.data.tags.get("podd.error", "")
+        checks.check(f"{what}: stopped at once (no retry, no evaluation), FAILED with the reason",
+                     run.info.status == "FAILED" and "podd.retries" not in run.data.tags
+                     and error_text.startswith("diverged, stopped: outer step 13")
+                     and reason in error_text and "test_accuracy" not in run.data.metrics,
+                     error_text)
     checks.check("the other trial carried on", clean.info.status == "FINISHED")
     shutil.rmtree(folder, ignore_errors=True)
     return checks.record("python scripts/reliability.py crash")
@@ -261,15 +339,35 @@ def drill_cluster() -> bool:
         checks.check("trials placed on both nodes", len(nodes_seen) >= 2, f"{sorted(nodes_seen)}")
         # kill the worker node's raylet (the node dies; its trials must move)
         raylets = [p for p in _processes("raylet") if str(worker_dir) in p[1]]
+        dead = {arg.split("=", 1)[1] for _, cmd in raylets for arg in cmd.split()
+                if arg.startswith("--node_id=")}  # the worker node's id
+        node_at_kill = {r.info.run_name: r.data.tags.get("podd.node_id")
+                        for r in trial_runs(uri, "cluster") if r.info.status == "RUNNING"}
         for pid, _ in raylets:
             os.kill(pid, signal.SIGKILL)
         checks.check("worker node killed mid-sweep", bool(raylets), f"{len(raylets)} raylet")
         code = process.wait(timeout=900)
         checks.check("the sweep completes (exit 0)", code == 0, f"exit code {code}")
         runs = common_end_checks(checks, uri, "cluster", 8)
-        retried = [r.info.run_name for r in runs if "podd.retries" in r.data.tags]
-        checks.facts.update(nodes=sorted(nodes_seen), retried=retried)
-        checks.check("trials of the dead node were rescheduled", len(retried) >= 1, f"{retried}")
+        retried = [r for r in runs if "podd.retries" in r.data.tags]
+        # every attempt's node, in order (tag podd.nodes; the node_id param keeps the first)
+        attempts = {r.info.run_name: r.data.tags.get("podd.nodes", "").split() for r in retried}
+        # an attempt that died before it reported (still starting) left no node: every
+        # retried trial's last attempt must be on a live node, and every trial seen on the dead
+        # node must have been retried
+        moved = [name for name, nodes in attempts.items() if nodes and nodes[-1] not in dead]
+        stranded = [name for name, node in node_at_kill.items()
+                    if node in dead and name not in moved]
+        checks.facts.update(nodes=sorted(nodes_seen), dead=[n[:12] for n in dead],
+                            retried={name: [n[:12] for n in nodes]
+                                     for name, nodes in attempts.items()})
+        checks.check("the trials running on the dead node were rescheduled on the other node "
+                     "and finished there",
+                     len(dead) == 1 and bool(retried) and len(moved) == len(retried)
+                     and not stranded,
+                     f"{len(retried)} retried, {len(moved)} finished on a live node, "
+                     f"{len(stranded)} of the dead node's not; dead {checks.facts['dead']}, "
+                     f"attempts {checks.facts['retried']}")
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
     shutil.rmtree(folder, ignore_errors=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.tune import (PROGRESS_FILE, STATE_FILE, FaultPlan, read_checkpoint_state,
-                               write_checkpoint)
+                               scan_checkpoints, write_checkpoint)
 
 
 def state():
@@ -65,19 +65,80 @@ def test_fault_plan_fires_the_given_number_of_times(tmp_path):
         FaultPlan(str(plan_file)).maybe_fail("x", 1)
 
 
-def test_newest_intact_checkpoint_is_found(tmp_path):
+def test_newest_intact_checkpoint_is_found_and_damaged_ones_are_listed(tmp_path):
     from orchestrator.tune import newest_checkpoint
 
     assert newest_checkpoint(tmp_path / "missing") is None
-    for index, step in ((1, 10), (2, 30), (3, 20)):
+    for index, step in ((1, 10), (2, 30), (3, 20), (6, 40), (7, 50)):
         write_checkpoint(tmp_path / f"checkpoint_00000{index}", state() | {"step": step}, step,
                          None)
     damaged = tmp_path / "checkpoint_000002" / STATE_FILE  # the newest (30) is damaged
     damaged.write_bytes(damaged.read_bytes()[:100])
     (tmp_path / "checkpoint_000004").mkdir()  # half-copied: no progress.json
-    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint_000003"
+    (tmp_path / "checkpoint_000006" / STATE_FILE).unlink()  # progress (40) without its state
+    (tmp_path / "checkpoint_000007" / PROGRESS_FILE).write_text('{"step": 5')  # torn record
+    scan = scan_checkpoints(tmp_path)
+    assert scan.newest == newest_checkpoint(tmp_path) == tmp_path / "checkpoint_000003"
+    assert [(d.folder.name, d.reason) for d in scan.damaged] == [
+        ("checkpoint_000002", "state.pt does not match its sha256 (corrupt or truncated)"),
+        ("checkpoint_000004", "no progress.json (an incomplete copy)"),
+        ("checkpoint_000006", "progress.json (step 40) but no state.pt (an incomplete copy)"),
+        ("checkpoint_000007", "progress.json is unreadable (truncated or not written by "
+                              "podd-sweep)")]
+    assert scan.is_damaged(str(tmp_path / "checkpoint_000002"))
+    assert not scan.is_damaged(tmp_path / "checkpoint_000003")
+    assert scan.damaged[0].line() == f"{damaged.parent}: {scan.damaged[0].reason}"
     final = tmp_path / "checkpoint_000005"
     write_checkpoint(final, None, 20, None)
     (final / "artifact").mkdir()
     (final / "artifact" / "poster.json").write_text("{}")
     assert newest_checkpoint(tmp_path) == final
+
+
+def test_a_torn_progress_record_is_reported_with_what_to_do(tmp_path):
+    write_checkpoint(tmp_path, state(), 7, None)
+    (tmp_path / PROGRESS_FILE).write_text('{"step": 7, "sha')
+    with pytest.raises(RuntimeError, match="is not valid JSON \\(truncated\\?\\): delete that"):
+        read_checkpoint_state(tmp_path)
+
+
+class FakeDistiller:
+    def __init__(self):
+        self.poster = torch.zeros(3, 4, 4)
+        self.batches = 0
+
+    def _real_batch(self):
+        self.batches += 1
+        return torch.ones(5, 3, 4, 4), torch.arange(5)
+
+
+@pytest.mark.parametrize("kind, poisoned", [("nan", torch.isnan), ("nan-poster", torch.isnan),
+                                            ("inf-poster", torch.isposinf)])
+def test_poster_faults_poison_the_poster(tmp_path, kind, poisoned):
+    plan_file = tmp_path / "faults.json"
+    plan_file.write_text(json.dumps([{"trial": "t", "step": 2, "kind": kind}]))
+    distiller = FakeDistiller()
+    FaultPlan(str(plan_file)).maybe_fail("t", 1, distiller)  # another step: nothing
+    assert torch.isfinite(distiller.poster).all()
+    FaultPlan(str(plan_file)).maybe_fail("t", 2, distiller)
+    assert poisoned(distiller.poster).all() and distiller.batches == 0
+
+
+def test_nan_loss_fault_makes_the_real_batches_nan(tmp_path):
+    plan_file = tmp_path / "faults.json"
+    plan_file.write_text(json.dumps([{"trial": "t", "step": 2, "kind": "nan-loss"}]))
+    distiller = FakeDistiller()
+    FaultPlan(str(plan_file)).maybe_fail("t", 2, distiller)
+    images, labels = distiller._real_batch()
+    assert images.isnan().all() and labels.tolist() == [0, 1, 2, 3, 4]
+    assert distiller.batches == 1 and not distiller.poster.isnan().any()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ({"kind": "typo"}, "unknown kind 'typo'; one of error, oom, exit, nan"),
+    ({"kind": "nan-loss", "step": 0}, "kind 'nan-loss' needs a running distillation")])
+def test_fault_plan_refuses_what_it_cannot_do(tmp_path, fault, message):
+    plan_file = tmp_path / "faults.json"
+    plan_file.write_text(json.dumps([{"trial": "t", "step": 0} | fault]))
+    with pytest.raises(ValueError, match=message):
+        FaultPlan(str(plan_file)).maybe_fail("t", 0)

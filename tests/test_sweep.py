@@ -2,6 +2,9 @@
 MLflow's client: records, resume without duplicates, retries and failures."""
 
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.spec import load_sweep
-from orchestrator.tune import FAULTS_ENV, launch
+from orchestrator.tune import FAULTS_ENV, SWEEP_STATE, launch, write_sweep_state
+from podd_engine import fileio
 from podd_engine.artifact import load_artifact
 from podd_engine.data import create_dataset
 
@@ -113,21 +117,34 @@ def test_failing_trial_is_retried_then_recorded_failed(tmp_path, monkeypatch):
     assert failed.data.tags["podd.retries"] == "1"  # max_failures 1: one retry, then FAILED
     fired = (tmp_path / "faults.json.fired")
     assert (fired / "1-" f"{failed.info.run_name}").read_text() == "2"
+    # each attempt's node is recorded (params are write-once: node_id keeps the first)
+    for run in (recovered, failed):
+        attempts = run.data.tags["podd.nodes"].split()
+        assert len(attempts) == 2 and run.data.tags["podd.node_id"] == attempts[-1]
+        assert run.data.params["node_id"] == attempts[0]
 
 
-def test_diverging_trial_stops_with_the_reason_and_is_not_retried(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind, reason", [
+    ("nan-poster", "not finite"),
+    ("inf-poster", "not finite"),
+    ("nan-loss", "the real-batch loss or the poster gradient is not finite (loss nan)")])
+def test_diverging_trial_stops_with_the_reason_and_is_not_retried(tmp_path, monkeypatch, kind,
+                                                                 reason):
     faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps([{"trial": "podd", "step": 2, "kind": "nan", "times": 9}]))
+    faults.write_text(json.dumps([{"trial": "podd", "step": 2, "kind": kind, "times": 9}]))
     monkeypatch.setenv(FAULTS_ENV, str(faults))
     outcome = launch(sweep_of(write_spec(tmp_path, "nan", "ipc: 1.0\nmax_failures: 3\n")),
                      verbose=0)
     assert list(outcome.states.values()) == ["FAILED"]
     client, parent, trials = runs_of(tmp_path, "nan")
     (run,) = trials.values()
-    assert run.info.status == "FAILED" and "diverged, stopped" in run.data.tags["podd.error"]
-    assert "not finite" in run.data.tags["podd.error"]
+    # found by the engine at the next outer step, which it does not finish
+    assert run.info.status == "FAILED"
+    assert run.data.tags["podd.error"].startswith("diverged, stopped: outer step 3: ")
+    assert reason in run.data.tags["podd.error"]
     assert "podd.retries" not in run.data.tags
     assert "test_accuracy" not in run.data.metrics  # stopped, no budget burnt on evaluation
+    assert steps(client, run) == [2]
 
 
 def test_resume_an_interrupted_sweep_without_duplicates(tmp_path, monkeypatch):
@@ -156,6 +173,28 @@ def test_resume_an_interrupted_sweep_without_duplicates(tmp_path, monkeypatch):
                 if a.path.endswith(".png")]) == 2
 
 
+def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, monkeypatch, capsys):
+    faults = tmp_path / "faults.json"
+    # the worker dies at step 4, after the step-3 checkpoint, and may not retry
+    faults.write_text(json.dumps([{"trial": "podd", "step": 4, "kind": "exit"}]))
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    spec = write_spec(tmp_path, "damaged", "ipc: 1.0\nmax_failures: 0\n")
+    assert list(launch(sweep_of(spec), verbose=0).states.values()) == ["FAILED"]
+    (checkpoint,) = (tmp_path / "ray" / "damaged").glob("*/checkpoint_*")
+    state = checkpoint / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
+
+    capsys.readouterr()
+    again = launch(sweep_of(spec), verbose=0)  # Tune's record points at the damaged one
+    assert list(again.states.values()) == ["FINISHED"]  # started over instead of failing
+    warning = f"skipped damaged checkpoint {checkpoint}: state.pt does not match its sha256"
+    assert warning in capsys.readouterr().err
+    client, _, trials = runs_of(tmp_path, "damaged")
+    (run,) = trials.values()
+    assert run.data.tags["podd.damaged_checkpoints"].startswith(f"{checkpoint}: state.pt")
+    assert steps(client, run) == [2, 3, 5, 6]
+
+
 def test_changed_spec_under_the_same_name_is_refused(tmp_path):
     spec = write_spec(tmp_path, "same", "ipc: 1.0\n")
     launch(sweep_of(spec), verbose=0)
@@ -163,6 +202,116 @@ def test_changed_spec_under_the_same_name_is_refused(tmp_path):
     result = runner.invoke(app, ["launch", str(spec)])
     assert result.exit_code == 2
     assert "sweep 'same' already exists" in result.stderr and "new name" in result.stderr
+    assert "delete" not in result.stderr  # deleting the Ray folder is no way to start over
+
+
+def test_a_used_name_is_refused_when_its_ray_results_were_deleted(tmp_path):
+    """Deleting a sweep's Ray folder does not make its name free: MLflow still holds its runs,
+    which a new sweep of that name would be mixed into."""
+    spec = write_spec(tmp_path, "reused", "ipc: 1.0\n")
+    original = spec.read_text()
+    launch(sweep_of(spec), verbose=0)
+    _, (parent,), trials = runs_of(tmp_path, "reused")
+    shutil.rmtree(tmp_path / "ray" / "reused")
+
+    spec.write_text(original.replace("ipc: 1.0", "ipc: [0.5, 1.0]"))  # a changed sweep
+    changed = runner.invoke(app, ["launch", str(spec), "--quiet"])
+    assert changed.exit_code == 2, changed.output
+    assert changed.stderr.count("\n") == 1 and "is already recorded in MLflow" in changed.stderr
+    assert "with different trials; give the changed sweep a new name" in changed.stderr
+
+    spec.write_text(original)  # the same sweep: it cannot be resumed without its Ray results
+    same = runner.invoke(app, ["launch", str(spec), "--quiet"])
+    assert same.exit_code == 2, same.output
+    assert f"({tmp_path / 'ray' / 'reused'}) are gone" in same.stderr
+    assert "give the sweep a new name" in same.stderr
+
+    _, (after,), trials_after = runs_of(tmp_path, "reused")  # nothing was touched
+    assert (after.info.status, after.info.end_time) == ("FINISHED", parent.info.end_time)
+    assert after.data.params == parent.data.params and set(trials_after) == set(trials)
+    assert not (tmp_path / "ray" / "reused").exists()
+    renamed = write_spec(tmp_path, "reused-2", "ipc: [0.5, 1.0]\n")
+    assert runner.invoke(app, ["launch", str(renamed), "--quiet"]).exit_code == 0
+
+
+def test_the_sweep_state_file_is_written_atomically_and_a_torn_one_is_one_error(tmp_path,
+                                                                               monkeypatch):
+    spec = write_spec(tmp_path, "torn", "ipc: 1.0\n")
+    sweep = sweep_of(spec)
+    folder = tmp_path / "ray" / "torn"
+    write_sweep_state(sweep, folder, "sqlite:///first.db")
+    first = (folder / SWEEP_STATE).read_text()
+    assert json.loads(first)["fingerprint"] == sweep.fingerprint()
+
+    class DiesBeforeTheRename:  # the os module as podd_engine.fileio sees it
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(*args):
+            raise OSError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fileio, "os", DiesBeforeTheRename())
+        with pytest.raises(OSError, match="killed"):
+            write_sweep_state(sweep, folder, "sqlite:///second.db")
+    assert (folder / SWEEP_STATE).read_text() == first  # the old file, whole
+    assert [p.name for p in folder.iterdir()] == [SWEEP_STATE]  # no temporary file left
+
+    (folder / SWEEP_STATE).write_text(first[: len(first) // 2])  # torn by another writer
+    result = runner.invoke(app, ["launch", str(spec), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert f"the state file of sweep 'torn', {folder / SWEEP_STATE}, is unreadable" in \
+        result.stderr
+    assert "delete that file to resume it" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, ray_address, joined", [
+    (None, None, "local"),  # a local Ray, never a `ray start` cluster found on the machine
+    (None, "127.0.0.1:6390", "127.0.0.1:6390"),
+    ("auto", "127.0.0.1:6390", "auto")])
+def test_a_ray_started_by_launch_is_shut_down_when_mlflow_fails(tmp_path, monkeypatch, address,
+                                                                ray_address, joined):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `launch`
+    monkeypatch.setattr(ray, "init", lambda address=None, **options: calls.append(address))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    if ray_address:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server = f"http://127.0.0.1:{free_port()}"  # a tracking server that is down
+    spec = write_spec(tmp_path, "unrecorded", "ipc: 1.0\n")
+    result = runner.invoke(app, ["launch", str(spec), "--quiet", "--tracking-uri", server]
+                           + (["--address", address] if address else []))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {spec}: tracking_uri: cannot record the sweep in "
+                                    f"MLflow at {server}: ")
+    assert calls == [joined, "shutdown"]
+
+
+def test_ctrl_c_while_launch_starts_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    import orchestrator.tune as tune_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "launch", interrupted)
+    result = runner.invoke(app, ["launch", str(write_spec(tmp_path, "cc", "ipc: 1.0\n"))])
+    assert result.exit_code == 130
+    assert result.stderr == "interrupted: stopped at once; run the same command again to " \
+                            "resume\n"
 
 
 def test_status_and_report_read_a_real_sweep(tmp_path):
@@ -178,7 +327,8 @@ def test_status_and_report_read_a_real_sweep(tmp_path):
                                  "--format", "json"])
     assert report.exit_code in (0, 1), report.output  # a verdict either way
     (data,) = json.loads(report.stdout)["datasets"]
-    assert data["baseline"]["source"].startswith("measured: 2 rat-bptt 1-IPC run(s)")
+    # the report words it "2 rat-bptt 1-IPC runs" (earlier "run(s)")
+    assert data["baseline"]["source"].startswith("measured: 2 rat-bptt 1-IPC run")
     assert [r["ipc"] for r in data["verdict"]["per_ipc"]] == [1.0]
     assert {r["method"] for r in data["runs"]} == {"podd", "rat-bptt"}
     assert all(0 < r["test_accuracy"] <= 1 and r["ipc_by_bytes"] > 0.99 for r in data["runs"])
@@ -240,3 +390,45 @@ def test_resources_no_node_has_are_refused_before_anything_is_recorded(tmp_path)
     assert "resources.gpu: each trial asks for 1 GPU(s) but no node of the Ray cluster has " \
            "more than 0: set resources.gpu: 0" in result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray" / "greedy").exists()
+
+
+def test_graceful_stop_waits_for_each_running_trial_then_ends_tunes_loop(tmp_path, monkeypatch):
+    """The first Ctrl-C's protocol, with stand-in trials (tests/test_drills.py runs the real
+    one): the request goes out as a file, Tune's loop ends once every running trial answered
+    (or the grace period is over), a second Ctrl-C stops at once."""
+    from types import SimpleNamespace
+
+    import orchestrator.tune as tune_module
+    from orchestrator.tune import GracefulStop, StopRequest
+
+    ended = []
+    monkeypatch.setattr(tune_module, "_end_tune_loop", lambda: ended.append(True))
+    stop = GracefulStop(tmp_path / "stop", grace_s=60)
+    with pytest.raises(KeyboardInterrupt):  # before Tune's loop runs: at once
+        stop.on_sigint(2, None)
+    trials = [SimpleNamespace(trial_id=i, status=s) for i, s in
+              (("a", "RUNNING"), ("b", "RUNNING"), ("c", "PENDING"), ("d", "TERMINATED"))]
+    stop.setup()
+    stop.on_step_end(0, trials)
+    assert not StopRequest(str(stop.stop_file)).requested()  # nothing asked before Ctrl-C
+    stop.on_sigint(2, None)
+    stop.on_step_end(1, trials)
+    assert StopRequest(str(stop.stop_file)).requested() and not ended
+    stop.on_trial_result(1, trials, trials[0], {"podd_event": "stopped"})
+    stop.on_trial_result(1, trials, trials[1], {"podd_event": "checkpoint"})
+    stop.on_step_end(2, trials)
+    assert not ended  # b has not answered yet
+    stop.on_trial_result(2, trials, trials[1], {"podd_event": "stopped"})
+    stop.on_step_end(3, trials)
+    stop.on_step_end(4, trials)
+    assert ended == [True]  # once
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C
+        stop.on_sigint(2, None)
+    stop.close()
+    assert not stop.stop_file.exists()
+
+    late = GracefulStop(tmp_path / "late", grace_s=0)  # a trial that never answers
+    late.setup()
+    late.on_sigint(2, None)
+    late.on_step_end(0, trials)
+    assert ended == [True, True]

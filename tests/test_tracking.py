@@ -51,6 +51,43 @@ def test_a_run_that_finished_is_left_alone_when_its_trial_is_replayed(tmp_path):
                                                       "started_at_step")] == [6]
 
 
+def test_each_attempt_records_its_node_and_damaged_checkpoints_are_tagged(tmp_path, capsys):
+    spec, (trial, _) = one_trial(tmp_path)
+    recorder = open_recorder(tmp_path, spec, [trial])
+    recorder.trial_started(trial)
+    capsys.readouterr()  # MLflow's notes on creating the store
+    recorder.trial_result(trial.key, {"podd_event": "attempt", "step": 0,
+                                      "podd_info": {"node_id": "node-a"}})
+    recorder.trial_result(trial.key, {"podd_event": "setup", "step": 0,
+                                      "podd_info": {"width": 8}})
+    # the retry runs on another node and skipped a damaged checkpoint
+    recorder.trial_started(trial)
+    recorder.trial_result(trial.key, {"podd_event": "attempt", "step": 0,
+                                      "podd_info": {"node_id": "node-b"}})
+    recorder.trial_result(trial.key, {"podd_event": "setup", "step": 3,
+                                      "podd_info": {"width": 8},
+                                      "podd_damaged_checkpoints": "/r/checkpoint_000001: bad"})
+    run = MlflowClient(recorder.tracking_uri).get_run(recorder.runs[trial.key])
+    assert run.data.params["node_id"] == "node-a"  # params are write-once: the first attempt
+    assert run.data.tags["podd.node_id"] == "node-b"
+    assert run.data.tags["podd.nodes"] == "node-a node-b"
+    assert run.data.tags["podd.damaged_checkpoints"] == "/r/checkpoint_000001: bad"
+    assert capsys.readouterr().err == (f"warning: trial {trial.name}: skipped damaged "
+                                       f"checkpoint /r/checkpoint_000001: bad\n")
+
+
+def test_the_recorded_sweep_is_read_without_writing(tmp_path):
+    spec, trials = one_trial(tmp_path)
+    fresh = SweepRecorder(f"sqlite:///{tmp_path / 'mlflow.db'}", "podd-sweep", "rec")
+    assert fresh.recorded_sweep() is None
+    recorder = open_recorder(tmp_path, spec, trials)
+    recorder.trial_started(trials[0])
+    recorded = SweepRecorder(recorder.tracking_uri, "podd-sweep", "rec").recorded_sweep()
+    assert (recorded.parent_run_id, recorded.fingerprint, recorded.trial_runs) == \
+        (recorder.parent_id, "f", 1)
+    assert SweepRecorder(recorder.tracking_uri, "podd-sweep", "other").recorded_sweep() is None
+
+
 def test_error_text_is_read_from_the_local_error_file_before_storage_has_it(tmp_path):
     local = tmp_path / "error.txt"
     local.write_text("Failure # 1\nTraceback ...\ntorch.OutOfMemoryError: injected at step 5\n")
