@@ -396,30 +396,38 @@ def launch_command(
                          "one is continued when it exists, else the sweep starts).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No Ray Tune status table.")] = False,
 ) -> None:
-    """Run a sweep's trials on Ray Tune and record them in MLflow (resumes an interrupted one)."""
-    from orchestrator.spec import SpecError
+    """Run a sweep's trials on Ray Tune and record them in MLflow (resumes an interrupted one).
 
-    with user_errors():
-        sweep = _load_checked_sweep(spec)
-        problems = _embedder_problems(sweep)
-        if problems and not dry_run:
-            raise SpecError(problems[0])
-        resources = sweep.spec.resources
-        if dry_run:
-            for problem in problems:
-                err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
-            console.print(_trial_table(sweep))
-            console.print(f"{len(sweep.trials)} trials, each {resources.cpu:g} CPU + "
-                          f"{resources.gpu:g} GPU; at most "
-                          f"{sweep.spec.max_concurrent or 'as many as fit'} at once; "
-                          f"MLflow: {sweep.tracking_uri(tracking_uri)} "
-                          f"(experiment {sweep.spec.experiment}); Ray results: "
-                          f"{sweep.storage_path() / sweep.name}")
-            return
-        from orchestrator.tune import launch
-        outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
-                         resume=True if resume else None, verbose=0 if quiet else 1)
-    _print_outcome(outcome)
+    A first Ctrl-C lets running trials save a checkpoint and stops (exit 130); a second one,
+    or one while the sweep starts, stops at once with one line (exit 130)."""
+    try:
+        from orchestrator.spec import SpecError  # imports torch: seconds a Ctrl-C can land in
+
+        with user_errors():
+            sweep = _load_checked_sweep(spec)
+            problems = _embedder_problems(sweep)
+            if problems and not dry_run:
+                raise SpecError(problems[0])
+            resources = sweep.spec.resources
+            if dry_run:
+                for problem in problems:
+                    err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+                console.print(_trial_table(sweep))
+                console.print(f"{len(sweep.trials)} trials, each {resources.cpu:g} CPU + "
+                              f"{resources.gpu:g} GPU; at most "
+                              f"{sweep.spec.max_concurrent or 'as many as fit'} at once; "
+                              f"MLflow: {sweep.tracking_uri(tracking_uri)} "
+                              f"(experiment {sweep.spec.experiment}); Ray results: "
+                              f"{sweep.storage_path() / sweep.name}")
+                return
+            from orchestrator.tune import launch
+            outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
+                             resume=True if resume else None, verbose=0 if quiet else 1)
+        _print_outcome(outcome)
+    except KeyboardInterrupt:  # launch has closed its MLflow runs and its Ray on the way out
+        err_console.print("interrupted: stopped at once; run the same command again to resume",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if outcome.failed:
         raise typer.Exit(1)
     if outcome.unfinished:
@@ -525,12 +533,17 @@ def report_command(
         help="beats (mean >= baseline) | comparable (within one baseline std)")] = "beats",
     output_format: Annotated[str, typer.Option(
         "--format", help="table | json | csv | parquet")] = "table",
-    output: Annotated[Optional[Path], typer.Option(help="File for json/csv/parquet.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="File for json/csv/parquet (required for csv and parquet; json without it goes "
+             "to stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(
         help="Accuracy-vs-IPC PNG (per data set: NAME.png appended when several); also logged "
              "to the sweep's parent MLflow run.")] = None,
 ) -> None:
-    """The lowest IPC whose PoDD posters beat the 1-IPC RaT-BPTT baseline, per data set."""
+    """The lowest IPC whose PoDD posters beat the 1-IPC RaT-BPTT baseline, per data set.
+
+    Exit code: 0 every data set has a passing IPC; 1 some data set has none passing or too few
+    runs to tell (the verdict says which); 2 bad input."""
     from orchestrator import report as rp
 
     with user_errors():
@@ -538,85 +551,118 @@ def report_command(
             raise ValueError(f"--format must be table, json, csv or parquet, got {output_format!r}")
         if output_format in ("csv", "parquet") and output is None:
             raise ValueError(f"--format {output_format} writes a file: add --output FILE")
+        if output is not None and output_format == "table":
+            raise ValueError("--output is for --format json, csv or parquet: the table goes to "
+                             "the terminal")
         gathered = rp.gather_runs(tracking_uri, experiment, sweep)
         names = dataset or rp.datasets_in(gathered.runs)
         if not names:
-            raise rp.ReportError(f"no finished trial runs in experiment {experiment!r} yet"
-                                 + (f" ({gathered.running} still running)"
-                                    if gathered.running else "")
-                                 + ": launch a sweep first")
+            raise rp.nothing_to_report(gathered, experiment)
         reports = [rp.build_report(gathered, name, baseline=baseline, criterion=criterion)
                    for name in names]
         plots = {}
         if plot is not None:
             for r in reports:
-                path = plot if len(reports) == 1 else plot.with_name(
-                    f"{plot.stem}-{r.dataset.replace(':', '_').replace('/', '_')}{plot.suffix}")
-                plots[r.dataset] = rp.plot_report(r, path)
+                path = rp.plot_report(r, rp.plot_path(plot, r.dataset, len(reports) > 1))
+                plots[r.dataset] = path
                 rp.log_plot_to_sweeps(tracking_uri, experiment, r, path)
-    if gathered.running:
-        err_console.print(f"note: {gathered.running} trial run(s) still RUNNING are left out; "
-                          f"report again when they finish")
-    if gathered.unusable:
-        err_console.print(f"note: {gathered.unusable} finished run(s) lack test accuracy or "
-                          f"poster facts and are left out")
+    for reason in (rp.RUNNING, rp.NAN_ACCURACY, rp.INCOMPLETE):
+        if ids := gathered.left_out_ids(reason):
+            err_console.print(f"note: {rp.describe_left_out(ids, reason)}", highlight=False,
+                              soft_wrap=True)
     if output_format == "table":
         for r in reports:
             console.print(_report_table(r, rp))
+            console.print("run ids:", *_run_id_lines(r), sep="\n  ", highlight=False,
+                          soft_wrap=True)
             console.print(f"[bold]verdict:[/] {r.verdict.message}", highlight=False)
     else:
         _write_report(reports, output_format, output, rp)
     for name, path in plots.items():
         err_console.print(f"plot for {name}: {path}")
-    if any(r.verdict.lowest_ipc is None for r in reports):
-        raise typer.Exit(1)
+    code = rp.exit_code([r.verdict.state for r in reports])
+    if code:
+        raise typer.Exit(code)
+
+
+REPORT_IDS_SHOWN = 3  # full run ids per row under the table; --format json/csv lists every one
 
 
 def _report_table(r, rp) -> Table:
+    """One row per configuration, numbered: the full run ids of row #n follow the table
+    (`_run_id_lines`), where they are plain text that a narrow terminal cannot crop."""
     b = r.baseline
     table = Table(title=f"{r.dataset}: PoDD vs RaT-BPTT 1 IPC = "
-                        f"{rp.fmt_accuracy(b.accuracy, b.std if b.std else None)} % ({b.source}); "
+                        f"{rp.fmt_accuracy(b.accuracy, b.std or None)} % ({b.source}); "
                         f"criterion: {r.criterion}", title_justify="left")
-    for column in ("method", "IPC", "achieved", "by bytes", "config", "accuracy %", "runs",
-                   "Δ baseline", "pass", "run ids"):
-        table.add_column(column, justify="right" if column in (
-            "IPC", "achieved", "by bytes", "accuracy %", "runs", "Δ baseline") else "left")
+    # two-line headers keep 13 columns within 120 characters
+    columns = ("#", "method", "IPC", "achieved", "by\nbytes", "poster\npx", "label\nparams",
+               "bytes", "config", "accuracy %", "runs", "Δ\nbaseline", "pass")
+    for column in columns:
+        text = column in ("method", "config", "pass")
+        # figures stay whole on one line; only words wrap when the terminal is narrow
+        table.add_column(column, justify="left" if text else "right", no_wrap=not text)
     best = {(x.ipc, tuple(x.run_ids)) for x in r.verdict.per_ipc}
     threshold = rp.passing_threshold(b, r.criterion)
-    for row in r.groups.to_pylist():
+    for number, row in enumerate(r.groups.to_pylist(), start=1):
         podd = row["method"] == "podd"
         is_best = podd and (row["ipc"], tuple(row["run_ids"])) in best
         verdict = {None: "too few runs", True: "pass", False: "fail"}[rp.row_passes(row, threshold)]
-        config = (f"{row['patch_grid']} {row['order']} {row['labels']}" if podd
-                  else row["labels"] or "-")
-        table.add_row(row["method"], f"{row['ipc']:g}", f"{row['achieved_ipc']:.3f}",
-                      f"{row['ipc_by_bytes']:.3f}", config + (" *" if is_best else ""),
+        by_bytes = row["ipc_by_bytes"]
+        table.add_row(str(number), row["method"], f"{row['ipc']:g}", f"{row['achieved_ipc']:.3f}",
+                      "?" if by_bytes is None else f"{by_bytes:.3f}",
+                      f"{row['poster_pixels']:,}", f"{row['label_parameters']:,}",
+                      f"{row['storage_bytes']:,}", _row_config(row) + (" *" if is_best else ""),
                       rp.fmt_accuracy(row["accuracy"], row["accuracy_std"]), str(row["runs"]),
                       f"{100 * (row['accuracy'] - b.accuracy):+.2f}",
-                      verdict if podd else "", " ".join(i[:8] for i in row["run_ids"]))
-    table.caption = "* the best configuration at that IPC (the one the verdict uses)"
+                      verdict if podd else "")
+    table.caption = ("* the best configuration at that IPC (the one the verdict uses); poster "
+                     "px per channel; bytes: poster + labels as float32")
     return table
+
+
+def _row_config(row: dict) -> str:
+    if row["method"] == "podd":
+        return f"{row['patch_grid']} {row['order']} {row['labels']}"
+    return row["labels"] or "-"
+
+
+def _run_id_lines(r) -> list[str]:
+    """`#n: ID ID ...` per table row: whole MLflow run ids (a prefix finds nothing in MLflow's
+    search or URL), the first REPORT_IDS_SHOWN of each row."""
+    lines = []
+    for number, row in enumerate(r.groups.to_pylist(), start=1):
+        ids = row["run_ids"]
+        more = len(ids) - REPORT_IDS_SHOWN
+        lines.append(f"#{number}: {' '.join(ids[:REPORT_IDS_SHOWN])}"
+                     + (f" (+{more} more: --format json lists every one)" if more > 0 else ""))
+    return lines
 
 
 def _write_report(reports, output_format: str, output: Optional[Path], rp) -> None:
     import pyarrow as pa
-    import pyarrow.csv
-    import pyarrow.parquet
 
-    from podd_engine.fileio import atomic_write, atomic_write_bytes
+    # torch-free writers: report must not pay for torch at start-up
+    from podd_engine.fileio import atomic_write, atomic_write_text
 
     if output_format == "json":
-        text = json.dumps({"datasets": [r.to_dict() for r in reports]}, indent=2, default=str)
+        # allow_nan=False: to_dict already made NaN null; a NaN that slipped through is a bug
+        text = json.dumps({"datasets": [r.to_dict() for r in reports]}, indent=2,
+                          allow_nan=False, default=str)
         if output is None:
             print(text)
         else:
-            atomic_write_bytes(text.encode(), output)
+            atomic_write_text(text + "\n", output)
         return
     table = pa.concat_tables([rp.groups_with_verdict(r) for r in reports],
                              promote_options="default")
     if output_format == "csv":
+        import pyarrow.csv
+
         atomic_write(output, lambda tmp: pa.csv.write_csv(table, tmp))
     else:
+        import pyarrow.parquet
+
         atomic_write(output, lambda tmp: pa.parquet.write_table(table, tmp))
     err_console.print(f"wrote {table.num_rows} rows to {output}")
 
