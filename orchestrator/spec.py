@@ -139,6 +139,15 @@ class SweepSpec(AxisValues):
             raise ValueError(f"must be paper or cpu-small, got {value!r}")
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value):
+        # checkpoints are found and verified by reading the folder (tune.newest_checkpoint)
+        if "://" in value:
+            raise ValueError(f"must be a folder, got the URI {value!r}: on a cluster use a "
+                             f"folder every node mounts (e.g. NFS)")
+        return value
+
     @field_validator("settings")
     @classmethod
     def _settings(cls, value):

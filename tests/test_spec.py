@@ -55,6 +55,8 @@ def digits_info(name):
     ("name: my sweep\ndataset: digits\nipc: 1\n", "name: String should match pattern"),
     ("dataset: digits\nipc: 1\n", "name: is required"),
     ("name: t\ndataset: digits\nipc: 1\nmax_failures: many\n", "max_failures: Input should be"),
+    ("name: t\ndataset: digits\nipc: 1\nstorage: s3://bucket/ray\n",
+     "storage: must be a folder, got the URI 's3://bucket/ray'"),
     ("name: t\n  dataset: [\n", "is not valid YAML"),
     ("- just\n- a list\n", "a sweep spec is a YAML mapping"),
 ])
