@@ -11,7 +11,7 @@ resumed trial continues from its last checkpoint. The driver (this process) reco
 in MLflow through `orchestrator.tracking`.
 
 A first Ctrl-C asks the running trials to save a checkpoint at their current step, then stops
-the sweep (`GracefulStop`); a second one stops at once.
+the sweep (`orchestrator.interrupt.GracefulStop`); a second one stops at once.
 """
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, StopRequest,
+                                    ctrl_c_handled_by, say, stop_grace_s)
 from orchestrator.spec import PlannedTrial, SpecError, Sweep
 from orchestrator.tracking import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, EVENT, INFO,
                                    POSTER_PNG, STOPPED, RecordedSweep, SweepRecorder,
@@ -45,9 +43,6 @@ STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"
 SWEEP_STATE = "podd_sweep.json"  # next to Tune's experiment state: what this sweep is
 FAULTS_ENV = "PODD_SWEEP_FAULTS"  # a JSON file of faults to inject (tests, docs/reliability.md)
-STOP_GRACE_ENV = "PODD_SWEEP_STOP_GRACE_S"  # how long a first Ctrl-C waits for checkpoints
-DEFAULT_STOP_GRACE_S = 120.0
-STOP_FILE_PREFIX = ".stop-requested-"  # + a token per launch, in the experiment folder
 
 
 # ----------------------------------------------------------------------------- the trainable
@@ -180,19 +175,6 @@ def _poison_real_batches(distiller) -> None:
         return torch.full_like(images, float("nan")), labels
 
     distiller._real_batch = poisoned
-
-
-class StopRequest:
-    """Whether the driver asked the running trials to stop (a first Ctrl-C): a file that the
-    driver creates in the experiment folder (`GracefulStop`). That folder is the sweep's storage,
-    which every node of a cluster shares (checkpoints need it too); a trial on a node that cannot
-    see it just keeps going until the driver's grace period ends."""
-
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-
-    def requested(self) -> bool:
-        return self.path is not None and self.path.exists()
 
 
 class TrialSession:
@@ -620,140 +602,6 @@ def _start_ray(address: str | None, verbose: int) -> None:
                         f"{_first_line(exc)}{hint}") from None
 
 
-# -- Ctrl-C
-
-_ACTIVE_STOP: GracefulStop | None = None
-
-
-class GracefulStop(tune.Callback):
-    """Ctrl-C during a sweep. The first one asks every running trial to save a checkpoint at
-    its current step and ends the sweep once all have (or after `grace_s`): nothing computed
-    is lost, and the runs end KILLED. A second one, or one before Tune's loop runs, stops at
-    once (KeyboardInterrupt): trials then continue from their last periodic checkpoint.
-
-    Tune's own Ctrl-C handling ends its loop and stops the trial actors straight away, and a
-    function trainable gets no hook to save on stop: up to checkpoint_every steps would be
-    redone. So the trials are asked through a file (`StopRequest`) and answer with a
-    checkpoint report (event `stopped`); then Tune's loop is ended the way its own handler
-    ends it: a last experiment snapshot (holding those checkpoints), actors stopped, unfinished
-    trials left resumable."""
-
-    def __init__(self, stop_file: Path | None, grace_s: float = DEFAULT_STOP_GRACE_S):
-        self.stop_file = stop_file
-        self.grace_s = grace_s
-        self.requested_at: float | None = None  # monotonic time of the first Ctrl-C
-        self.announced = False
-        self.loop_ended = False
-        self.tune_loop_running = False
-        self.answered: set[str] = set()  # Tune ids of trials that reported their stop
-
-    # Tune pickles its callbacks with the experiment state and unpickles them when a sweep is
-    # resumed: they come back as this launch's instance (a resumed sweep's old copy would
-    # watch a stop file no trial of this launch knows of).
-    def __reduce__(self):
-        return (_active_graceful_stop, ())
-
-    def activate(self) -> None:
-        """Make this the instance that Tune's pickled copies unpickle as."""
-        global _ACTIVE_STOP
-        _ACTIVE_STOP = self
-
-    def close(self) -> None:
-        global _ACTIVE_STOP
-        if self.stop_file is not None:
-            self.stop_file.unlink(missing_ok=True)
-        if _ACTIVE_STOP is self:
-            _ACTIVE_STOP = None
-
-    # -- the SIGINT handler: flags only (printing or file I/O here could re-enter a stream
-    # the interrupted main thread was writing to); on_step_end does the rest
-    def on_sigint(self, signum: int, frame) -> None:
-        if self.requested_at is not None or not self.tune_loop_running:
-            raise KeyboardInterrupt
-        self.requested_at = time.monotonic()
-
-    # -- Tune's callbacks, on the driver's main thread
-    def setup(self, **info) -> None:
-        self.tune_loop_running = True
-
-    def on_experiment_end(self, trials, **info) -> None:
-        self.tune_loop_running = False
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get(EVENT) == STOPPED:
-            self.answered.add(trial.trial_id)
-
-    def on_step_end(self, iteration, trials, **info) -> None:
-        if self.requested_at is None or self.loop_ended:
-            return
-        waiting = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.answered]
-        if not self.announced:
-            self.announced = True
-            if self.stop_file is not None:
-                self.stop_file.touch()
-            _say(f"Ctrl-C: {len(waiting)} running trial(s) save a checkpoint at their current "
-                 f"step, then the sweep stops (within {self.grace_s:g} s; Ctrl-C again to stop "
-                 f"at once)")
-        if waiting and time.monotonic() - self.requested_at < self.grace_s:
-            return
-        if waiting:
-            _say(f"warning: {len(waiting)} trial(s) saved no checkpoint within "
-                 f"{self.grace_s:g} s ({', '.join(str(t) for t in waiting)}); they will "
-                 f"continue from their last one")
-        self.loop_ended = True
-        _end_tune_loop()
-
-
-def _active_graceful_stop() -> GracefulStop:
-    # outside a launch (a tool reading the experiment state): one that nothing will trigger
-    return _ACTIVE_STOP or GracefulStop(None)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _end_tune_loop() -> None:
-    """End Tune's loop as its own Ctrl-C handler would. Tune registers that handler for
-    SIGUSR1 too (its SIGINT registration is off: TUNE_DISABLE_SIGINT_HANDLER); where it has
-    none, stop at once."""
-    handler = signal.getsignal(signal.SIGUSR1)
-    if callable(handler) and getattr(handler, "__module__", "").startswith("ray.tune"):
-        handler(signal.SIGUSR1, None)
-    else:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _ctrl_c_handled_by(stop: GracefulStop) -> Iterator[None]:
-    """While Tune runs, SIGINT goes to `stop` instead of Tune (whose own handler is turned off
-    by its documented TUNE_DISABLE_SIGINT_HANDLER); the previous handlers come back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers (nor can Tune set its own)
-        return
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
-    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    signal.signal(signal.SIGINT, stop.on_sigint)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        if saved_env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
-
-
-def _stop_grace_s() -> float:
-    value = os.environ.get(STOP_GRACE_ENV)
-    try:
-        return float(value) if value else DEFAULT_STOP_GRACE_S
-    except ValueError:
-        raise SpecError(f"{STOP_GRACE_ENV}: {value!r} is not a number of seconds") from None
-
-
 # -- the sweep
 
 def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None = None,
@@ -774,7 +622,7 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     if (experiment_dir / SWEEP_STATE).exists():
         _check_resumable(sweep, read_sweep_state(sweep, experiment_dir / SWEEP_STATE), uri)
     ray_results_exist = experiment_dir.is_dir()
-    grace_s = _stop_grace_s()
+    grace_s = stop_grace_s()
 
     # Tune snapshots its experiment state whenever a trial has written num_to_keep checkpoints
     # (that is what makes resume exact) and warns when short trials do so often: expected here
@@ -793,7 +641,7 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
         names = TrialNames({t.key: t.name for t in sweep.trials})
         tuner = _make_tuner(sweep, experiment_dir, uri, can_restore, names,
                             [TrackingCallback(recorder, sweep.trials), stop], verbose)
-        with _ctrl_c_handled_by(stop):
+        with ctrl_c_handled_by(stop):
             results = tuner.fit()
         _collect(outcome, results, names)
         status = "FAILED" if outcome.failed else ("KILLED" if outcome.unfinished else "FINISHED")
@@ -851,7 +699,7 @@ def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, status: str, ow
     except Exception as exc:
         if not unwinding:
             raise
-        _say(f"warning: could not mark the sweep's MLflow runs {status}: {_first_line(exc)}")
+        say(f"warning: could not mark the sweep's MLflow runs {status}: {_first_line(exc)}")
     finally:
         if owns_ray:
             ray.shutdown()

@@ -398,11 +398,11 @@ def test_graceful_stop_waits_for_each_running_trial_then_ends_tunes_loop(tmp_pat
     (or the grace period is over), a second Ctrl-C stops at once."""
     from types import SimpleNamespace
 
-    import orchestrator.tune as tune_module
-    from orchestrator.tune import GracefulStop, StopRequest
+    import orchestrator.interrupt as interrupt
+    from orchestrator.interrupt import GracefulStop, StopRequest
 
     ended = []
-    monkeypatch.setattr(tune_module, "_end_tune_loop", lambda: ended.append(True))
+    monkeypatch.setattr(interrupt, "_end_tune_loop", lambda: ended.append(True))
     stop = GracefulStop(tmp_path / "stop", grace_s=60)
     with pytest.raises(KeyboardInterrupt):  # before Tune's loop runs: at once
         stop.on_sigint(2, None)
