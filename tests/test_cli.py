@@ -134,3 +134,14 @@ def test_distill_without_out_writes_under_runs(tmp_path, monkeypatch):
     artifact = json.loads(result.stdout)["artifact"]
     assert artifact.startswith("runs/random-real-ipc1-")
     assert (tmp_path / artifact / "poster.json").exists()
+
+
+def test_launch_resume_with_nothing_to_resume_is_refused_before_ray_starts(tmp_path):
+    spec = tmp_path / "fresh.yaml"
+    spec.write_text(f"name: fresh\ndataset: digits\nipc: 1\nclass_order: identity\n"
+                    f"storage: {tmp_path / 'ray'}\ntracking_uri: sqlite:///{tmp_path / 'm.db'}\n")
+    result = runner.invoke(app, ["launch", str(spec), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "there is no interrupted sweep 'fresh'" in result.output
+    assert "run without --resume" in result.output
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray" / "fresh").exists()

@@ -432,3 +432,18 @@ def test_graceful_stop_waits_for_each_running_trial_then_ends_tunes_loop(tmp_pat
     late.on_sigint(2, None)
     late.on_step_end(0, trials)
     assert ended == [True, True]
+
+
+def test_evaluations_during_distillation_are_recorded_at_their_steps(tmp_path):
+    # eval_every: the trial evaluates its poster at step 3 as well as at the end (step 6)
+    spec = write_spec(tmp_path, "interim", "ipc: 1.0\nseeds: [0]\n")
+    spec.write_text(spec.read_text().replace("eval_steps: [20]}", "eval_steps: [20], "
+                                                                  "eval_every: 3}"))
+    outcome = launch(sweep_of(spec), verbose=0)
+    assert set(outcome.states.values()) == {"FINISHED"}
+    client, _, trials = runs_of(tmp_path, "interim")
+    (run,) = trials.values()
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [3, 6]
+    assert all(0 <= m.value <= 1 for m in history)
+    assert run.data.metrics["test_accuracy"] == history[-1].value  # the final one is the figure
