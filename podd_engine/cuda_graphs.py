@@ -40,7 +40,7 @@ def cuda_graphs_supported(device: torch.device, precision: str) -> bool:
 
 def adam_scalars(step: int, lr: float, betas: tuple[float, float]) -> tuple[float, float]:
     """The step-dependent scalars of Adam's update at `step` (1-based): the signed step size
-    -lr / (1 - b1^t) and sqrt(1 - b2^t)."""
+    -lr / (1 - b1^t) and sqrt(1 - b2^t); the eager and the graphed Adam updates share them."""
     b1, b2 = betas
     return -lr / (1 - b1 ** step), math.sqrt(1 - b2 ** step)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from podd_engine.cuda_graphs import StepGraphs, cuda_graphs_supported
+from podd_engine.cuda_graphs import StepGraphs, adam_scalars, cuda_graphs_supported
 from podd_engine.labels import PosterLabels
 from podd_engine.models import reinitialize
 from podd_engine.poster import PosterGeometry, extract_patches
@@ -117,13 +117,13 @@ def adam_update(state: AdamState, grads: Params, lr: float, betas: tuple[float, 
     It uses the same operations as `adam_update_`, so a replayed step matches bit for bit."""
     b1, b2 = betas
     step = state.step + 1
-    bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
+    step_size, bias2_sqrt = adam_scalars(step, lr, betas)
     params, m, v = {}, {}, {}
     for k, p in state.params.items():
         m[k] = torch.lerp(state.m[k], grads[k], 1 - b1)
         v[k] = torch.addcmul(state.v[k] * b2, grads[k], grads[k], value=1 - b2)
-        denom = _safe_sqrt(v[k]) / math.sqrt(bias2) + eps
-        params[k] = torch.addcdiv(p, m[k], denom, value=-lr / bias1)
+        denom = _safe_sqrt(v[k]) / bias2_sqrt + eps
+        params[k] = torch.addcdiv(p, m[k], denom, value=step_size)
     return AdamState(params, m, v, step)
 
 
@@ -133,7 +133,7 @@ def adam_update_(state: AdamState, grads: Params, lr: float, betas: tuple[float,
     """The same update in place, for steps that need no graph (fused foreach kernels)."""
     b1, b2 = betas
     state.step += 1
-    bias1, bias2 = 1 - b1 ** state.step, 1 - b2 ** state.step
+    step_size, bias2_sqrt = adam_scalars(state.step, lr, betas)
     keys = list(state.params)
     params = [state.params[k] for k in keys]
     m, v, g = [state.m[k] for k in keys], [state.v[k] for k in keys], [grads[k] for k in keys]
@@ -141,9 +141,9 @@ def adam_update_(state: AdamState, grads: Params, lr: float, betas: tuple[float,
     torch._foreach_mul_(v, b2)
     torch._foreach_addcmul_(v, g, g, value=1 - b2)
     denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, math.sqrt(bias2))
+    torch._foreach_div_(denom, bias2_sqrt)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, value=-lr / bias1)
+    torch._foreach_addcdiv_(params, m, denom, value=step_size)
 
 
 @dataclass
