@@ -53,6 +53,20 @@ class SpecError(ValueError):
     """A sweep spec that cannot run; the message starts with the field path."""
 
 
+def _check_setting_names(settings: dict[str, Any]) -> None:
+    """Every name is an engine setting that is not a grid axis or a top-level key."""
+    known = {f.name for f in dataclasses.fields(TrialConfig)}
+    owned = set(AXES.values()) | {"class_grid", "order_grid", "data_root", "cache_dir"}
+    for name in settings:
+        if name in owned:
+            axis = next((a for a, f in AXES.items() if f == name), name)
+            raise ValueError(f"{name!r} is set at the top level of the spec ({axis}:), "
+                             f"not under settings")
+        if name not in known:
+            raise ValueError(f"unknown engine setting {name!r}; valid settings: "
+                             f"{', '.join(sorted(known - owned))}")
+
+
 def _listify(value: Any) -> list:
     return value if isinstance(value, list) else [value]
 
@@ -119,6 +133,8 @@ class SweepSpec(AxisValues):
     include: list[AxisValues] = []
     preset: Union[str, None] = None
     settings: dict[str, Any] = {}
+    # each entry overrides engine settings for a copy of the whole grid (a list of schedules)
+    schedules: list[dict[str, Any]] = []
     class_grid: Union[GridText, None] = None
     order_grid: Union[list[list[int]], None] = None
     resources: Resources = Resources()
@@ -151,16 +167,20 @@ class SweepSpec(AxisValues):
     @field_validator("settings")
     @classmethod
     def _settings(cls, value):
-        known = {f.name for f in dataclasses.fields(TrialConfig)}
-        owned = set(AXES.values()) | {"class_grid", "order_grid", "data_root", "cache_dir"}
-        for name in value:
-            if name in owned:
-                axis = next((a for a, f in AXES.items() if f == name), name)
-                raise ValueError(f"{name!r} is set at the top level of the spec ({axis}:), "
-                                 f"not under settings")
-            if name not in known:
-                raise ValueError(f"unknown engine setting {name!r}; valid settings: "
-                                 f"{', '.join(sorted(known - owned))}")
+        _check_setting_names(value)
+        return value
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedules(cls, value):
+        for i, schedule in enumerate(value):
+            if not schedule:
+                raise ValueError(f"[{i}]: an empty schedule: give the settings it changes, "
+                                 f"e.g. {{window: 10, total_inner_steps: 40}}")
+            try:
+                _check_setting_names(schedule)
+            except ValueError as exc:
+                raise ValueError(f"[{i}]: {exc}") from None
         return value
 
     @model_validator(mode="after")
@@ -248,6 +268,9 @@ def _pydantic_message(error: ValidationError, source: str) -> str:
     first = max(error.errors(), key=relevance)
     path = _location(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    entry = re.match(r"^(\[\d+\]): (.*)$", message, re.S)  # a validator naming a list entry
+    if entry:
+        path, message = path + entry.group(1), entry.group(2)
     if first["type"] == "extra_forbidden":
         allowed = sorted(SweepSpec.model_fields if len(first["loc"]) == 1 else
                          AxisValues.model_fields if first["loc"][0] == "include" else
@@ -325,11 +348,14 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
     from podd_engine.pipeline import build_geometry
 
     trials: dict[str, PlannedTrial] = {}
-    for chosen, origin in _combinations(spec):
+    schedules = list(enumerate(spec.schedules)) or [(None, {})]
+    for (index, schedule), (chosen, origin) in itertools.product(schedules,
+                                                                _combinations(spec)):
         settings = {AXES[axis]: value for axis, value in chosen.items()}
         settings.setdefault("method", "podd")
         settings.setdefault("seed", 0)
         settings.update(spec.settings)
+        settings.update(schedule)
         settings.update(class_grid=spec.class_grid, order_grid=spec.order_grid,
                         data_root=spec.data_root, cache_dir=spec.cache_dir)
         if spec.resources.gpu == 0 and "device" not in spec.settings:
@@ -342,7 +368,8 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
             geometry = build_geometry(config, info) if info is not None else None
         except ValueError as exc:
             setting = str(exc).split(" ", 1)[0]
-            where = (f"settings.{setting}" if setting in spec.settings
+            where = (f"schedules[{index}].{setting}" if setting in schedule
+                     else f"settings.{setting}" if setting in spec.settings
                      else _blame(str(exc), origin, chosen))
             raise SpecError(f"{source}: {where}: {exc}") from None
         trial = PlannedTrial(config, origin,

@@ -46,6 +46,11 @@ def digits_info(name):
      "resources.gpus: unknown key; valid keys here: cpu, gpu"),
     ("name: t\ndataset: digits\nipc: 1\nresources: {gpu: -0.5}\n",
      "resources.gpu: Input should be greater than or equal to 0"),
+    ("name: t\ndataset: digits\nipc: 1\nschedules: [{width: 8}, {widht: 8}]\n",
+     "schedules[1]: unknown engine setting 'widht'"),
+    ("name: t\ndataset: digits\nipc: 1\nschedules: [{seed: 3}]\n",
+     "schedules[0]: 'seed' is set at the top level of the spec (seeds:)"),
+    ("name: t\ndataset: digits\nipc: 1\nschedules: [{}]\n", "schedules[0]: an empty schedule"),
     ("name: t\ndataset: digits\nipc: 1\nsettings: {widht: 8}\n",
      "settings: unknown engine setting 'widht'"),
     ("name: t\ndataset: digits\nipc: 1\nsettings: {ipc: 2}\n",
@@ -81,6 +86,9 @@ def test_bad_specs_name_the_field(text, message):
      "settings.width: width must be a whole number, got []"),
     ("name: t\ndataset: digits\nipc: 1\nsettings: {eval_steps: [10, x]}\n",
      "settings.eval_steps: eval_steps must be a list of whole numbers"),
+    ("name: t\ndataset: digits\nipc: 1\nschedules: [{window: 2, total_inner_steps: 4},"
+     " {window: 9, total_inner_steps: 4}]\n",
+     "schedules[1].window: window (9) must not exceed total_inner_steps (4)"),
 ])
 def test_impossible_combinations_are_found_before_anything_runs(text, message):
     with pytest.raises(SpecError, match=None) as error:
@@ -100,6 +108,19 @@ def test_expansion_crosses_the_axes_and_folds_baselines():
     assert len({t.key for t in trials}) == len(trials)
     small = next(t for t in podd if t.config.ipc == 0.5)
     assert 0.45 < small.achieved_ipc < 0.55 and small.poster_size[0] * small.poster_size[1] > 0
+
+
+def test_schedules_cross_the_whole_grid_with_their_settings():
+    text = TINY + "schedules:\n  - {window: 1}\n  - {window: 4, width: 12}\n"
+    trials = expand(parse_spec(text), dataset_info=digits_info)
+    plain = expand(parse_spec(TINY), dataset_info=digits_info)
+    assert len(trials) == 2 * len(plain)
+    # the top-level settings hold where a schedule does not override them
+    assert {(t.config.window, t.config.width) for t in trials} == {(1, 8), (4, 12)}
+    first, second = trials[:len(plain)], trials[len(plain):]  # grouped by schedule, in order
+    assert {t.config.window for t in first} == {1} and {t.config.window for t in second} == {4}
+    assert all(t.config.steps == 4 for t in trials)
+    assert len({t.key for t in trials}) == len(trials)
 
 
 def test_keys_are_stable_and_ignore_where_files_live():
