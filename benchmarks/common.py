@@ -26,7 +26,7 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def paper_trial(args: argparse.Namespace, **settings) -> Trial:
-    config = make_config("paper", dataset=args.dataset, num_classes=10, image_size=(32, 32),
+    config = make_config("paper", dataset=args.dataset, data_family="cifar10",
                          ipc=args.ipc, order="identity", width=args.width, window=args.window,
                          total_inner_steps=args.total_inner_steps, real_batch=args.real_batch,
                          **settings)

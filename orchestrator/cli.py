@@ -246,7 +246,9 @@ def distill_command(
 
     tune_glibc_malloc()
     with user_errors():
-        ds = data.create_dataset(dataset, data_root=data_root, cache_dir=cache_dir)
+        extra = _parse_settings(settings)
+        ds = data.create_dataset(dataset, data_root=data_root, cache_dir=cache_dir,
+                                 family_declared=extra.get("family"))
         options = dict(
             dataset=dataset, ipc=ipc, method=method, class_grid=class_grid,
             patch_grid=patch_grid, labels=labels, order=order, embedder=embedder,
@@ -254,13 +256,11 @@ def distill_command(
             eval_models=eval_models, device=device, seed=seed,
             data_root=str(data_root) if data_root else None,
             cache_dir=str(cache_dir) if cache_dir else None)
-        extra = _parse_settings(settings)
         for key in extra:
             if options.get(key) is not None:
                 raise ValueError(f"{key} is given twice (as an option and with --set): keep one")
         options = {k: v for k, v in options.items() if v is not None}
-        config = make_config(preset, num_classes=ds.num_classes, image_size=ds.image_size,
-                             **{**extra, **options})
+        config = make_config(preset, data_family=ds.family, **{**extra, **options})
         out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
         total = config.steps if config.method != "random-real" else 0
         try:

@@ -30,18 +30,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 from orchestrator.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, absolute_tracking_uri
-from podd_engine.config import METHODS, TrialConfig, make_config
-from podd_engine.data import ImageDataset
-from podd_engine.labels import LABEL_MODES
-from podd_engine.ordering import ORDERINGS
-from podd_engine.poster import parse_grid
+from podd_engine.config import (LABEL_MODES, METHODS, ORDERINGS, TrialConfig, make_config,
+                                parse_grid)
+
+if TYPE_CHECKING:
+    from podd_engine.data import ImageDataset
 
 # The grid axes, in the order trials are listed; each maps to one TrialConfig field.
 AXES = {"dataset": "dataset", "method": "method", "ipc": "ipc", "patch_grid": "patch_grid",
@@ -56,7 +56,7 @@ class SpecError(ValueError):
 def _check_setting_names(settings: dict[str, Any]) -> None:
     """Every name is an engine setting that is not a grid axis or a top-level key."""
     known = {f.name for f in dataclasses.fields(TrialConfig)}
-    owned = set(AXES.values()) | {"class_grid", "order_grid", "data_root", "cache_dir"}
+    owned = set(AXES.values()) | {"class_grid", "order_grid", "data_root", "cache_dir", "family"}
     for name in settings:
         if name in owned:
             axis = next((a for a, f in AXES.items() if f == name), name)
@@ -147,6 +147,8 @@ class SweepSpec(AxisValues):
     experiment: str = DEFAULT_EXPERIMENT
     data_root: Union[str, None] = None
     cache_dir: Union[str, None] = None
+    # which of the paper's benchmarks the spec's parquet:/imagefolder: data sets are copies of
+    family: Union[str, None] = None
 
     @field_validator("preset")
     @classmethod
@@ -331,6 +333,8 @@ def _blame(message: str, origin: dict[str, str], chosen: dict[str, Any]) -> str:
             found = re.search(rf"\b{re.escape(word)}\b", lowered)
             if found and axis in origin:
                 mentioned.append((found.start(), axis))
+    if "paper preset" in lowered:
+        return "preset"
     if mentioned:
         return origin[min(mentioned)[1]]
     if "class_grid" in lowered:
@@ -342,7 +346,7 @@ def _blame(message: str, origin: dict[str, str], chosen: dict[str, Any]) -> str:
 
 
 def expand(spec: SweepSpec, *, source: str = "<spec>",
-           dataset_info: Callable[[str], ImageDataset] | None = None) -> list[PlannedTrial]:
+           dataset_info: Callable[[str], "ImageDataset"] | None = None) -> list[PlannedTrial]:
     """The spec's trials, deduplicated, each validated (and, with `dataset_info`, checked
     against its data set's classes and image size: IPC too small, class grid mismatch)."""
     from podd_engine.pipeline import build_geometry
@@ -357,13 +361,19 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
         settings.update(spec.settings)
         settings.update(schedule)
         settings.update(class_grid=spec.class_grid, order_grid=spec.order_grid,
-                        data_root=spec.data_root, cache_dir=spec.cache_dir)
+                        data_root=spec.data_root, cache_dir=spec.cache_dir, family=spec.family)
         if spec.resources.gpu == 0 and "device" not in spec.settings:
             settings["device"] = "cpu"
         info = dataset_info(settings["dataset"]) if dataset_info else None
+        if info is not None and spec.family:
+            from podd_engine.data import DatasetError, with_declared_family
+
+            try:
+                info = with_declared_family(info, spec.family)
+            except DatasetError as exc:
+                raise SpecError(f"{source}: family: {exc}") from None
         try:
-            config = make_config(spec.preset, num_classes=info.num_classes if info else None,
-                                 image_size=info.image_size if info else None, **settings)
+            config = make_config(spec.preset, data_family=info.family if info else None, **settings)
             config = config.canonical()
             geometry = build_geometry(config, info) if info is not None else None
         except ValueError as exc:
@@ -380,7 +390,7 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
 
 
 def load_sweep(path: str | os.PathLike, *,
-               dataset_info: Callable[[str], ImageDataset] | None = None) -> Sweep:
+               dataset_info: Callable[[str], "ImageDataset"] | None = None) -> Sweep:
     """Read, validate and expand a sweep file (SpecError on any problem)."""
     path = Path(path)
     if not path.is_file():

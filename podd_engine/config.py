@@ -15,15 +15,39 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from podd_engine.labels import LABEL_MODES
-from podd_engine.models import NORMS
-from podd_engine.ordering import CLIP_MODES, EMBEDDERS, ORDERINGS
-from podd_engine.poster import POSTER_INITS
-from podd_engine.preprocess import AUGMENTATIONS, PREPROCESSING_KINDS
-from podd_engine.rat_bptt import PRECISIONS, UNROLL_MODES
+from podd_engine.methods import get_method, method_names
 
-METHODS = ("podd", "rat-bptt", "random-real")
+# The choices of every setting that takes one (the engine modules that implement them import
+# these: this module is the ground floor and imports nothing of the engine, nor torch).
+METHODS = method_names()
 DEVICES = ("auto", "cpu", "cuda")
+LABEL_MODES = ("fixed", "learned")
+ORDERINGS = ("poco", "random", "identity", "given")
+EMBEDDERS = ("clip", "minilm")
+CLIP_MODES = ("tokens", "pooled")
+POSTER_INITS = ("fade", "gaussian")
+PREPROCESSING_KINDS = ("zca", "normalize")
+AUGMENTATIONS = ("flip_rotate", "none")
+NORMS = ("instancenorm", "batchnorm", "none")
+UNROLL_MODES = ("recompute", "store")
+PRECISIONS = ("fp32", "bf16")
+
+
+class GeometryError(ValueError):
+    """An impossible poster geometry; the message names the setting and how to fix it."""
+
+
+def parse_grid(value: str | tuple[int, int] | list[int], what: str = "grid") -> tuple[int, int]:
+    """'16x6' or (16, 6) -> (16, 6): columns x rows."""
+    if isinstance(value, str):
+        parts = value.lower().replace(" ", "").split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise GeometryError(f"{what} {value!r} is not COLSxROWS: write it like 16x6")
+        value = (int(parts[0]), int(parts[1]))
+    cols, rows = (int(v) for v in value)
+    if cols < 1 or rows < 1:
+        raise GeometryError(f"{what} {cols}x{rows} needs at least one column and one row")
+    return cols, rows
 
 
 @dataclass
@@ -76,6 +100,9 @@ class TrialConfig:
     device: str = "auto"
     data_root: str | None = None
     cache_dir: str | None = None
+    # the benchmark a parquet:/imagefolder: copy is (cifar10, cifar100, cub200, tiny-imagenet);
+    # a label for comparisons, not a setting of the computation
+    family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,28 +122,27 @@ class TrialConfig:
     def canonical(self) -> "TrialConfig":
         """The same trial with the settings its method ignores reset to their defaults, so two
         configs that run the same computation compare (and hash) equal: a rat-bptt baseline has
-        no patch grid or class ordering, random-real images have no learned labels or init."""
-        if self.method == "podd":
+        no patch grid or class ordering, an undistilled random-real control no schedule."""
+        ignored = get_method(self.method).ignores
+        if not ignored:
             return self
         defaults = TrialConfig()
-        ignored = ["patch_grid", "order", "order_grid", "embedder", "clip_model",
-                   "clip_pretrained", "clip_weights", "clip_mode"]
-        if self.method == "random-real":
-            ignored += ["labels", "init"]
         return self.replace(**{name: getattr(defaults, name) for name in ignored})
 
+    def science(self) -> dict[str, Any]:
+        """The settings that change the result (canonical: not where files live, not settings
+        the method ignores), by name; the trial key hashes them and the report compares runs
+        by them."""
+        return {k: v for k, v in self.canonical().to_dict().items() if k not in PLACEMENT}
+
     def key(self) -> str:
-        """A stable hash of the settings that change the result (not where files live, nor
-        settings the method ignores)."""
-        science = {k: v for k, v in self.canonical().to_dict().items()
-                   if k not in ("device", "data_root", "cache_dir", "real_chunk",
-                                "cuda_graphs")}
-        return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
+        """A stable hash of the settings that change the result."""
+        return hashlib.sha256(json.dumps(self.science(), sort_keys=True).encode()).hexdigest()[:12]
 
     def validate(self) -> None:
         """Errors that do not need the data set; each names the field and the fix."""
         self._check_types()
-        choices = {"method": METHODS, "labels": LABEL_MODES, "device": DEVICES,
+        choices = {"method": method_names(), "labels": LABEL_MODES, "device": DEVICES,
                    "order": ORDERINGS, "init": POSTER_INITS,
                    "preprocessing": PREPROCESSING_KINDS, "clip_mode": CLIP_MODES,
                    "embedder": EMBEDDERS, "unroll": UNROLL_MODES, "precision": PRECISIONS,
@@ -137,11 +163,15 @@ class TrialConfig:
             raise ValueError(f"clip_coef must be in [0, 1), got {self.clip_coef}")
         if not self.eval_steps or min(self.eval_steps) < 1:
             raise ValueError(f"eval_steps must be positive step counts, got {self.eval_steps}")
-        if self.method == "rat-bptt" and float(self.ipc) != int(self.ipc):
-            raise ValueError(f"ipc {self.ipc} is not a whole number: method rat-bptt stores whole "
-                             f"images per class (use method podd below 1 IPC)")
+        if get_method(self.method).whole_ipc and float(self.ipc) != int(self.ipc):
+            raise ValueError(f"ipc {self.ipc} is not a whole number: method {self.method} stores "
+                             f"whole images per class (use method podd below 1 IPC)")
         if self.order == "given" and self.order_grid is None:
             raise ValueError("order 'given' needs order_grid: rows of class indices")
+        if self.family is not None and self.family not in BENCHMARKS:
+            raise ValueError(f"family must be one of the paper's benchmarks "
+                             f"({', '.join(BENCHMARKS)}), got {self.family!r}: leave it unset "
+                             f"for a data set that is none of them")
 
 
     def _check_types(self) -> None:
@@ -157,6 +187,12 @@ class TrialConfig:
             raise ValueError(f"{f.name} must be {wanted}"
                              + (" (or left unset)" if "None" in kinds else "")
                              + f", got {value!r}")
+
+
+# Settings that say where or how fast a trial runs, or what its data set is called, but not
+# what it computes: they are not part of the trial key, and runs that differ only in them
+# are the same experiment.
+PLACEMENT = ("device", "data_root", "cache_dir", "real_chunk", "cuda_graphs", "family")
 
 
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string",
@@ -212,33 +248,34 @@ PAPER = {
 # batch, 300 outer steps and 3 evaluation networks on the paper's evaluation schedule.
 # PoCO uses the MiniLM text encoder here because it ships with its weights (CLIP weights need a
 # download); results record the embedder, and `--embedder clip` restores the paper's.
+BENCHMARKS = tuple(PAPER)  # the paper's four benchmarks: the families with a paper preset
+
 CPU_SMALL = dict(embedder="minilm", width=32, steps=300, total_inner_steps=20, window=5,
                  real_batch=256, real_chunk=256, eval_models=3)
 
 
-def paper_preset_name(dataset: str, num_classes: int | None = None,
-                      image_size: tuple[int, int] | None = None) -> str:
-    """Which paper preset fits a data set: by registry name, else by its shape (a Parquet copy
-    of CIFAR-10 is CIFAR-10)."""
-    base = dataset.split(":", 1)[0]
-    if base in PAPER:
-        return base
-    by_shape = {(10, (32, 32)): "cifar10", (100, (32, 32)): "cifar100",
-                (200, (32, 32)): "cub200", (200, (64, 64)): "tiny-imagenet"}
-    key = (num_classes, tuple(image_size) if image_size else None)
-    if key in by_shape:
-        return by_shape[key]
-    raise ValueError(f"no paper preset for {dataset!r} ({num_classes} classes, "
-                     f"{image_size} images): use preset cpu-small or give the settings")
+def paper_preset_name(family: str | None, dataset: str | None = None) -> str:
+    """The paper preset of a data-set family (a benchmark name); a data set of no benchmark
+    family has none."""
+    if family in PAPER:
+        return family
+    raise ValueError(f"no paper preset for {dataset or family!r}: it is not one of the paper's "
+                     f"benchmarks ({', '.join(BENCHMARKS)}); if it is a copy of one, declare its "
+                     f"family (`family: cifar10` in the sweep, or a 'family' key in its "
+                     f"classes.json), else use preset cpu-small or give the settings")
 
 
-def make_config(preset: str | None = None, *, num_classes: int | None = None,
-                image_size: tuple[int, int] | None = None, **settings: Any) -> TrialConfig:
-    """A TrialConfig from a preset plus explicit settings (explicit settings win)."""
+def make_config(preset: str | None = None, *, data_family: str | None = None,
+                **settings: Any) -> TrialConfig:
+    """A TrialConfig from a preset plus explicit settings (explicit settings win). The paper
+    preset is the one of the data set's family: a `family` setting, else `data_family` (what
+    the loaded data set is), else the data set's registry name when it is a benchmark."""
     base: dict[str, Any] = {}
     if preset == "paper":
-        base = dict(PAPER[paper_preset_name(settings.get("dataset", "cifar10"), num_classes,
-                                            image_size)])
+        dataset = settings.get("dataset", "cifar10")
+        family = (settings.get("family") or data_family
+                  or (dataset if dataset in PAPER else None))
+        base = dict(PAPER[paper_preset_name(family, dataset)])
     elif preset == "cpu-small":
         base = dict(CPU_SMALL)
     elif preset not in (None, "none"):

@@ -20,6 +20,7 @@ import pickle
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,15 @@ class ImageDataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     class_names: tuple[str, ...]
+    # the benchmark this data set is, for comparisons and the paper's presets and baselines
+    # (`dataset_family`); a data set of no benchmark is its own family, named like itself
+    family: str = ""
+    family_source: str = ""  # registry | declared | class names | none
 
     def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
+            object.__setattr__(self, "family_source", "none")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.ndim != 4:
@@ -78,7 +86,8 @@ class ImageDataset:
         return int(self.train_images.shape[2]), int(self.train_images.shape[3])
 
     def summary(self) -> dict:
-        return {"name": self.name, "train": len(self.train_images), "test": len(self.test_images),
+        return {"name": self.name, "family": self.family, "family_source": self.family_source,
+                "train": len(self.train_images), "test": len(self.test_images),
                 "channels": self.channels, "image_size": list(self.image_size),
                 "num_classes": self.num_classes, "class_names": list(self.class_names)}
 
@@ -122,6 +131,9 @@ class DatasetEntry:
     takes_path: bool = False
     # The archive's top folder must be named like `folder(...)`; it is extracted into data_root.
     download: Download | None = None
+    # The family every data set of this entry is (a benchmark's own entry); None: found from the
+    # data (a declaration, or its class names), else the data set is its own family.
+    family: str | None = None
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
@@ -174,8 +186,10 @@ def create_dataset(
     download: bool = True,
     use_cache: bool = True,
     progress: ProgressFn | None = None,
+    family_declared: str | None = None,
 ) -> ImageDataset:
-    """Load a data set by registry spec, from the on-disk tensor cache when it is fresh."""
+    """Load a data set by registry spec, from the on-disk tensor cache when it is fresh.
+    `family_declared` says which benchmark a path-named copy is (checked against the data)."""
     entry, arg = parse_dataset_spec(spec)
     root = Path(data_root or default_data_root()).expanduser().absolute()
     folder = entry.folder(root, arg).expanduser().absolute()
@@ -186,15 +200,102 @@ def create_dataset(
         _download(entry, name, root, folder)
 
     cache = dataset_cache_path(spec, data_root=root, cache_dir=cache_dir)
-    if use_cache and cache.exists():
-        cached = _read_cache(cache)
-        if cached is not None:
-            return ImageDataset(name=name, **cached)
-    dataset = entry.read(folder, progress)
-    dataset = ImageDataset(name=name, **{k: getattr(dataset, k) for k in _CACHED_FIELDS})
-    if use_cache:
-        _write_cache(cache, dataset)
-    return dataset
+    fields = _read_cache(cache) if use_cache and cache.exists() else None
+    if fields is None:
+        read = entry.read(folder, progress)
+        fields = {k: getattr(read, k) for k in _CACHED_FIELDS}
+        if use_cache:
+            _write_cache(cache, ImageDataset(name=name, **fields))
+    family, source = _family_of(entry, folder, fields["class_names"], name)
+    dataset = ImageDataset(name=name, **fields, family=family, family_source=source)
+    return with_declared_family(dataset, family_declared) if family_declared else dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Families: which of the paper's benchmarks a data set is
+# --------------------------------------------------------------------------------------------
+
+_BENCHMARK_CLASSES_FILE = Path(__file__).with_name("benchmark_classes.json")
+
+
+def benchmark_class_names() -> dict[str, list[list[str]]]:
+    """family -> the class-name lists a copy of that benchmark may carry (CIFAR's label
+    names; CUB's classes.txt; Tiny-ImageNet's wnids or their first WordNet lemma)."""
+    raw = json.loads(_BENCHMARK_CLASSES_FILE.read_text())
+    return {family: lists for family, lists in raw["families"].items()}
+
+
+def _normalized(names: Sequence[str]) -> tuple[str, ...]:
+    """Class names compared loosely in form, exactly in content: case, '_' for ' ' and CUB's
+    '001.' prefixes do not matter; order and every name do."""
+    return tuple(re.sub(r"^\d+\.", "", n).replace("_", " ").strip().lower() for n in names)
+
+
+def family_by_class_names(names: Sequence[str]) -> str | None:
+    """The benchmark whose class-name list equals `names` exactly (up to form), if any."""
+    wanted = _normalized(names)
+    for family, lists in benchmark_class_names().items():
+        if any(_normalized(known) == wanted for known in lists):
+            return family
+    return None
+
+
+def _data_declared_family(folder: Path) -> str | None:
+    """A `family` key in the folder's classes.json, else in its Parquet schema metadata."""
+    classes_json = folder / "classes.json"
+    if classes_json.is_file():
+        try:
+            declared = json.loads(classes_json.read_text()).get("family")
+        except (ValueError, AttributeError):
+            declared = None  # the reader reports a bad classes.json
+        if declared:
+            return str(declared)
+    train = folder / "train.parquet"
+    if train.is_file():
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_schema(train).metadata or {}
+        if b"family" in metadata:
+            return metadata[b"family"].decode()
+    return None
+
+
+def _family_of(entry: DatasetEntry, folder: Path, class_names: Sequence[str],
+               name: str) -> tuple[str, str]:
+    """(family, how it was found) of a data set just loaded."""
+    if entry.family is not None:
+        return entry.family, "registry"
+    declared = _data_declared_family(folder) if folder.is_dir() else None
+    if declared is not None:
+        _check_family_fits(declared, class_names, name, f"{folder}'s declaration")
+        return declared, "declared"
+    matched = family_by_class_names(class_names)
+    if matched is not None:
+        return matched, "class names"
+    return name, "none"
+
+
+def _check_family_fits(family: str, class_names: Sequence[str], name: str, where: str) -> None:
+    known = benchmark_class_names()
+    if family not in known:
+        raise DatasetError(f"{name}: {where} names family {family!r}, which is not one of the "
+                           f"paper's benchmarks ({', '.join(known)}): remove it, or name one")
+    expected = len(known[family][0])
+    if len(class_names) != expected:
+        raise DatasetError(f"{name}: {where} says it is {family}, which has {expected} classes, "
+                           f"but it has {len(class_names)}: fix the family or the class list")
+
+
+def with_declared_family(dataset: ImageDataset, declared: str) -> ImageDataset:
+    """`dataset` as the benchmark `declared` (a sweep's or a config's `family`), checked: a
+    data set that already is a family (by registry, declaration or class names) must agree."""
+    if declared == dataset.family:
+        return dataset
+    if dataset.family_source != "none":
+        raise DatasetError(f"{dataset.name} is {dataset.family} (by its {dataset.family_source}), "
+                           f"not {declared}: remove the family setting or fix it")
+    _check_family_fits(declared, dataset.class_names, dataset.name, "the family setting")
+    return dataclasses.replace(dataset, family=declared, family_source="declared")
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,6 +690,7 @@ register_dataset(DatasetEntry(
         meta_file="batches.meta", label_key="labels", names_key="label_names", name="cifar10"),
     layout="the python pickle batches of cifar-10-python.tar.gz",
     download=_torchvision_cifar_download("CIFAR10"),
+    family="cifar10",
 ))
 register_dataset(DatasetEntry(
     name="cifar100",
@@ -599,6 +701,7 @@ register_dataset(DatasetEntry(
         label_key="fine_labels", names_key="fine_label_names", name="cifar100"),
     layout="the python pickle files of cifar-100-python.tar.gz",
     download=_torchvision_cifar_download("CIFAR100"),
+    family="cifar100",
 ))
 register_dataset(DatasetEntry(
     name="cub200",
@@ -608,6 +711,7 @@ register_dataset(DatasetEntry(
     layout=_CUB_LAYOUT,
     download=Download(url="https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
                       filename="CUB_200_2011.tgz"),
+    family="cub200",
 ))
 register_dataset(DatasetEntry(
     name="tiny-imagenet",
@@ -617,6 +721,7 @@ register_dataset(DatasetEntry(
     layout=_TINY_LAYOUT,
     download=Download(url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
                       filename="tiny-imagenet-200.zip"),
+    family="tiny-imagenet",
 ))
 register_dataset(DatasetEntry(
     name="parquet",
@@ -641,4 +746,5 @@ register_dataset(DatasetEntry(
     folder=_sklearn_digits_file,
     read=_read_digits,
     layout="ships inside scikit-learn: reinstall scikit-learn",
+    family="digits",  # no benchmark of the paper, and nothing else either
 ))

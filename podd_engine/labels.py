@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from podd_engine.config import LABEL_MODES
 from podd_engine.poster import PosterGeometry
 
-LABEL_MODES = ("fixed", "learned")
 
 
 def _cell_of_pixels(num_pixels: int, num_cells: int) -> torch.Tensor:

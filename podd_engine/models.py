@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-NORMS = ("instancenorm", "batchnorm", "none")
+from podd_engine.config import NORMS
+
 
 
 def default_depth(image_size: tuple[int, int]) -> int:

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
-ORDERINGS = ("poco", "random", "identity", "given")
-CLIP_MODES = ("tokens", "pooled")
+from podd_engine.config import CLIP_MODES, EMBEDDERS, ORDERINGS
+
 
 
 class OrderingError(ValueError):
@@ -245,9 +245,6 @@ class MiniLMTextEmbedder:
                                     local_files_only=True)
         names = [t.replace("_", " ") for t in texts]
         return model.encode(names, convert_to_tensor=True).float().cpu()
-
-
-EMBEDDERS = ("clip", "minilm")
 
 
 @dataclass

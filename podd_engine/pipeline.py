@@ -8,8 +8,8 @@
 The three methods share one representation, a poster with patches and labels:
   podd         overlapping patches of a poster of about ipc x n images (PoCO layout, PoDDL);
   rat-bptt     the paper's baseline: ipc whole images per class, exactly tiled (no overlap);
-  random-real  real training images with the same pixel budget, tiled, hard labels, no
-               distillation (the sanity baseline).
+  random-real  the undistilled control: PoDD's poster layout (class grid, pixel count, patches,
+               PoDDL labels) filled with random real training images, not distilled.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from podd_engine.config import TrialConfig, default_class_grid, paper_preset_name
-from podd_engine.data import ImageDataset, create_dataset
+from podd_engine.config import TrialConfig, default_class_grid
+from podd_engine.data import ImageDataset, create_dataset, with_declared_family
 from podd_engine.evaluate import EvalResult, evaluate_synthetic
 from podd_engine.labels import PosterLabels, create_labels
+from podd_engine.methods import get_method
 from podd_engine.models import create_model
 from podd_engine.ordering import (ClassOrdering, ClipTextEmbedder, MiniLMTextEmbedder,
                                   create_class_ordering)
-from podd_engine.poster import PosterGeometry, extract_patches, init_poster, parse_grid
+from podd_engine.poster import (PosterGeometry, compose_poster, extract_patches, init_poster,
+                                parse_grid)
 from podd_engine.artifact import PosterArtifact, save_artifact
 from podd_engine.preprocess import Preprocessing, fit_preprocessing, preprocessing_key
 from podd_engine.rat_bptt import Distiller, InnerSchedule, OuterSettings, StepMetrics, SyntheticSet
@@ -60,7 +62,8 @@ class Trial:
     def summary(self) -> dict:
         """What the trial is, once built: geometry, labels, class order and its embedder."""
         return {"method": self.config.method, "dataset": self.dataset.name,
-                "dataset_family": dataset_family(self.dataset),
+                "dataset_family": self.dataset.family,
+                "dataset_family_source": self.dataset.family_source,
                 "num_classes": self.dataset.num_classes, "channels": self.dataset.channels,
                 "image_size": "x".join(map(str, self.dataset.image_size)),
                 "requested_ipc": self.config.ipc, **self.geometry.summary(),
@@ -95,51 +98,37 @@ class DistillResult:
         return out
 
 
-def dataset_family(dataset: ImageDataset) -> str:
-    """The benchmark a data set is (a Parquet copy of CIFAR-10 is cifar10), for comparing runs
-    and looking up reference results; else its own name."""
-    try:
-        return paper_preset_name(dataset.name, dataset.num_classes, dataset.image_size)
-    except ValueError:
-        return dataset.name
-
-
 def build_geometry(config: TrialConfig, dataset: ImageDataset) -> PosterGeometry:
     class_grid = parse_grid(config.class_grid or default_class_grid(dataset.num_classes),
                             "class_grid")
     common = dict(channels=dataset.channels, image_size=dataset.image_size,
                   num_classes=dataset.num_classes)
-    if config.method == "podd":
-        return PosterGeometry.for_ipc(config.ipc, class_grid=class_grid,
-                                      patch_grid=config.patch_grid, **common)
-    h, w = dataset.image_size
-    if config.method == "rat-bptt":  # ipc images per class cell, side by side, no overlap
+    if get_method(config.method).layout == "tiled":  # ipc images per class cell, no overlap
+        h, w = dataset.image_size
         k = int(config.ipc)
         cols, rows = class_grid
         return PosterGeometry(**common, class_grid=class_grid, patch_grid=(cols * k, rows),
                               poster_size=(rows * h, cols * k * w), requested_ipc=config.ipc)
-    count = max(1, round(config.ipc * dataset.num_classes))  # random-real: one row of images
-    return PosterGeometry(**common, class_grid=class_grid, patch_grid=(count, 1),
-                          poster_size=(h, count * w), requested_ipc=config.ipc)
+    return PosterGeometry.for_ipc(config.ipc, class_grid=class_grid,
+                                  patch_grid=config.patch_grid, **common)
 
 
-def _random_real_poster(trial_images: torch.Tensor, dataset: ImageDataset, count: int,
-                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` real training images, classes as even as possible (a seeded class order decides
-    who gets the extra ones), tiled in one row; and their one-hot labels."""
-    generator = torch.Generator().manual_seed(seed)
-    n = dataset.num_classes
-    class_order = torch.randperm(n, generator=generator)
-    per_class = [count // n + (1 if rank < count % n else 0) for rank in range(n)]
-    chosen, labels = [], []
-    for rank, cls in enumerate(class_order.tolist()):
-        members = torch.nonzero(dataset.train_labels == cls).flatten()
-        pick = members[torch.randperm(len(members), generator=generator)[:per_class[rank]]]
-        chosen.append(pick)
-        labels += [cls] * len(pick)
-    images = trial_images[torch.cat(chosen).to(trial_images.device)]
-    poster = torch.cat(list(images), dim=2)  # [C, H, count*W]
-    return poster, torch.nn.functional.one_hot(torch.tensor(labels), n).float()
+def real_image_poster(geometry: PosterGeometry, class_grid: torch.Tensor,
+                      images: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """A poster laid out like PoDD's, each class cell holding one random training image of
+    its class (resized to the cell where cells are larger than an image), cross-faded where
+    cells overlap: the undistilled control at the same pixel count."""
+    def real(row: int, col: int, size: tuple[int, int]) -> torch.Tensor:
+        members = torch.nonzero(labels == int(class_grid[row, col])).flatten()
+        pick = members[int(torch.randint(len(members), (1,), generator=generator))]
+        image = images[pick.to(images.device)].float().cpu()
+        if tuple(image.shape[1:]) != tuple(size):
+            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
+                                                    align_corners=False)[0]
+        return image
+
+    return compose_poster(geometry, real)
 
 
 def create_embedder(config: TrialConfig):
@@ -154,7 +143,9 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
     config.validate()
     if dataset is None:
         dataset = create_dataset(config.dataset, data_root=config.data_root,
-                                 cache_dir=config.cache_dir)
+                                 cache_dir=config.cache_dir, family_declared=config.family)
+    elif config.family:
+        dataset = with_declared_family(dataset, config.family)
     device = resolve_device(config.device)
     preprocessing = fit_preprocessing(dataset, config.preprocessing,  # the covariance on the GPU
                                       regularization=config.zca_regularization,
@@ -164,7 +155,8 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
     geometry = build_geometry(config, dataset)
     generator = torch.Generator().manual_seed(config.seed)
 
-    if config.method == "podd":
+    method = get_method(config.method)
+    if method.uses_order:
         if config.order == "poco" and embedder is None:
             embedder = create_embedder(config)
         ordering = create_class_ordering(config.order, dataset.class_names,
@@ -173,13 +165,14 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
     else:  # the layout has no meaning for separate images: data-set order
         ordering = create_class_ordering("identity", dataset.class_names, geometry.class_grid)
 
-    if config.method == "random-real":
-        poster, onehot = _random_real_poster(train, dataset, geometry.num_patches, config.seed)
-        labels = PosterLabels("fixed", None, onehot.to(device))
-    else:
-        label_grid = geometry.patch_grid if config.method == "rat-bptt" else None
-        labels = create_labels(config.labels, geometry, ordering.grid, label_grid).to(device)
+    # tiled images get one label cell per image; a poster's learned labels, one per class cell
+    label_grid = geometry.patch_grid if method.layout == "tiled" else None
+    labels = create_labels(config.labels, geometry, ordering.grid, label_grid).to(device)
+    if method.distils:
         poster = init_poster(geometry, config.init, generator).to(device)
+    else:
+        poster = real_image_poster(geometry, ordering.grid, train, dataset.train_labels,
+                                   generator).to(device)
     return Trial(config, dataset, preprocessing, geometry, ordering, labels, poster, device,
                  train, test)
 
@@ -222,7 +215,8 @@ def distill(
     if on_start is not None:
         on_start(trial)
     result = DistillResult(trial, trial.poster, trial.labels)
-    if c.method != "random-real":
+    method = get_method(c.method)
+    if method.distils:
         schedule = InnerSchedule(c.total_inner_steps, c.window, c.distill_batch, c.inner_lr,
                                  augmentation=c.augmentation)
         outer = OuterSettings(c.lr, c.label_lr_scale, c.clip_coef, real_batch=c.real_batch,
@@ -248,7 +242,7 @@ def distill(
     if evaluate:
         result.evaluation = evaluate_poster(trial, result.poster, result.labels)
         if on_eval is not None:
-            on_eval(c.steps if c.method != "random-real" else 0, result.evaluation)
+            on_eval(method.final_step(c.steps), result.evaluation)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -11,30 +11,15 @@ Conventions (shared by labels, rendering and artifacts):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
-
-POSTER_INITS = ("fade", "gaussian")
-
-
-class GeometryError(ValueError):
-    """An impossible poster geometry; the message names the setting and how to fix it."""
+from podd_engine.config import POSTER_INITS, GeometryError, parse_grid  # noqa: F401 (re-exported)
 
 
-def parse_grid(value: str | tuple[int, int] | list[int], what: str = "grid") -> tuple[int, int]:
-    """'16x6' or (16, 6) -> (16, 6): columns x rows."""
-    if isinstance(value, str):
-        parts = value.lower().replace(" ", "").split("x")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise GeometryError(f"{what} {value!r} is not COLSxROWS: write it like 16x6")
-        value = (int(parts[0]), int(parts[1]))
-    cols, rows = (int(v) for v in value)
-    if cols < 1 or rows < 1:
-        raise GeometryError(f"{what} {cols}x{rows} needs at least one column and one row")
-    return cols, rows
 
 
 def evenly_spaced(full: int, size: int, count: int) -> list[int]:
@@ -199,6 +184,16 @@ def _blend_along(strips: list[torch.Tensor], starts: list[int], total: int,
     return out
 
 
+def compose_poster(geometry: PosterGeometry,
+                   area: Callable[[int, int, tuple[int, int]], torch.Tensor]) -> torch.Tensor:
+    """A [C, H, W] poster of one area per class cell, `area(row, col, (height, width))` each
+    (called row by row), cross-faded linearly where neighbouring areas overlap."""
+    ys, xs, size = class_area_positions(geometry)
+    rows = [_blend_along([area(r, c, size) for c in range(len(xs))], xs, geometry.poster_size[1],
+                         dim=2) for r in range(len(ys))]
+    return _blend_along(rows, ys, geometry.poster_size[0], dim=1)
+
+
 def init_poster(geometry: PosterGeometry, kind: str = "fade",
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """A fresh poster [C, H, W].
@@ -212,10 +207,9 @@ def init_poster(geometry: PosterGeometry, kind: str = "fade",
         return torch.randn(c, *geometry.poster_size, generator=generator)
     if kind not in POSTER_INITS:
         raise GeometryError(f"init must be 'fade' or 'gaussian', got {kind!r}")
-    ys, xs, (ah, aw) = class_area_positions(geometry)
-    rows = []
-    for _ in ys:
-        areas = [torch.randn(c * ah * aw, generator=generator) for _ in xs]
-        areas = [(a / a.norm()).view(c, ah, aw) for a in areas]
-        rows.append(_blend_along(areas, xs, geometry.poster_size[1], dim=2))
-    return _blend_along(rows, ys, geometry.poster_size[0], dim=1)
+
+    def noise(row: int, col: int, size: tuple[int, int]) -> torch.Tensor:
+        values = torch.randn(c * size[0] * size[1], generator=generator)
+        return (values / values.norm()).view(c, *size)
+
+    return compose_poster(geometry, noise)

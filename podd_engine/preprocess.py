@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from podd_engine.config import AUGMENTATIONS, PREPROCESSING_KINDS
 from podd_engine.data import ImageDataset, default_cache_dir
 from podd_engine.fileio import atomic_torch_save
 
@@ -147,7 +148,6 @@ class ChannelNormalization:
 
 
 Preprocessing = ZCAWhitening | ChannelNormalization
-PREPROCESSING_KINDS = ("zca", "normalize")
 
 
 def fit_preprocessing(
@@ -203,7 +203,6 @@ def preprocessing_key(dataset: ImageDataset, kind: str,
 # differentiable in the images, so gradients flow back to the poster.
 # --------------------------------------------------------------------------------------------
 
-AUGMENTATIONS = ("flip_rotate", "none")
 ROTATION_DEGREES = 15.0
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from podd_engine.config import PRECISIONS, UNROLL_MODES
 from podd_engine.cuda_graphs import StepGraphs, adam_scalars, cuda_graphs_supported
 from podd_engine.labels import PosterLabels
 from podd_engine.models import reinitialize
@@ -41,8 +42,6 @@ from podd_engine.poster import PosterGeometry, extract_patches
 from podd_engine.preprocess import AugmentationDraw, apply_augmentation, draw_augmentation
 
 Params = dict[str, torch.Tensor]
-UNROLL_MODES = ("recompute", "store")
-PRECISIONS = ("fp32", "bf16")
 
 
 class NonFiniteError(FloatingPointError):

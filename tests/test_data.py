@@ -4,11 +4,13 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import json
 import os
 import tarfile
 import threading
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from datafiles import (random_images, write_cifar_folder, write_cub_folder, write_image_folder,
@@ -195,6 +197,95 @@ def test_shared_cifar10_parquet(shared_cifar10):
     assert ds.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                               "horse", "ship", "truck")
     assert ds.train_labels.bincount().tolist() == [5000] * 10
+
+
+# ---- families: which benchmark a data set is -------------------------------------------------
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+
+
+def test_registry_benchmarks_are_their_own_family_and_digits_is_none(tmp_path):
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    assert create_dataset("cifar10", data_root=tmp_path, download=False).family == "cifar10"
+    digits = create_dataset("digits")
+    assert (digits.family, digits.family_source) == ("digits", "registry")
+
+
+def test_a_copy_is_a_benchmark_by_its_class_names_not_its_shape(tmp_path):
+    write_parquet_dataset(tmp_path / "c10", classes=CIFAR10_NAMES, size=(32, 32), n_train=20)
+    copy = create_dataset(f"parquet:{tmp_path / 'c10'}", cache_dir=tmp_path / "cache")
+    assert (copy.family, copy.family_source) == ("cifar10", "class names")
+    # the same shape (10 classes, 32x32) with other names, e.g. SVHN's digits: its own family
+    write_parquet_dataset(tmp_path / "svhn", classes=tuple(str(d) for d in range(10)),
+                          size=(32, 32), n_train=20)
+    other = create_dataset(f"parquet:{tmp_path / 'svhn'}", cache_dir=tmp_path / "cache")
+    assert (other.family, other.family_source) == (f"parquet:{tmp_path / 'svhn'}", "none")
+    # names compare loosely in form (case, '_' for ' '), exactly in content and order
+    write_parquet_dataset(tmp_path / "upper", classes=tuple(n.upper() for n in CIFAR10_NAMES),
+                          size=(32, 32), n_train=20)
+    assert create_dataset(f"parquet:{tmp_path / 'upper'}", use_cache=False).family == "cifar10"
+    write_parquet_dataset(tmp_path / "swapped", classes=CIFAR10_NAMES[::-1], size=(32, 32),
+                          n_train=20)
+    assert create_dataset(f"parquet:{tmp_path / 'swapped'}", use_cache=False).family != "cifar10"
+
+
+def test_a_copy_can_declare_its_family(tmp_path):
+    # CUB names need not be spelled as in classes.txt: a copy says which benchmark it is
+    folder = tmp_path / "cub"
+    names = tuple(f"bird {i}" for i in range(200))
+    write_parquet_dataset(folder, classes=names, n_train=200, n_test=200)
+    (folder / "classes.json").write_text(json.dumps({"classes": list(names),
+                                                     "family": "cub200"}))
+    ds = create_dataset(f"parquet:{folder}", use_cache=False)
+    assert (ds.family, ds.family_source) == ("cub200", "declared")
+    # in the Parquet schema metadata instead
+    meta = tmp_path / "meta"
+    write_parquet_dataset(meta, classes=names, n_train=200, n_test=200, classes_json=False,
+                          metadata_classes=True)
+    table = pq.read_table(meta / "train.parquet")
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                  b"family": b"cub200"}), meta / "train.parquet")
+    assert create_dataset(f"parquet:{meta}", use_cache=False).family == "cub200"
+    # or by the user (a sweep's `family:`, a config's family setting)
+    plain = tmp_path / "plain"
+    write_parquet_dataset(plain, classes=names, n_train=200, n_test=200)
+    declared = create_dataset(f"parquet:{plain}", use_cache=False, family_declared="cub200")
+    assert (declared.family, declared.family_source) == ("cub200", "declared")
+
+
+@pytest.mark.parametrize("family, message", [
+    ("cifar100", "says it is cifar100, which has 100 classes, but it has 10"),
+    ("svhn", "names family 'svhn', which is not one of the paper's benchmarks"),
+])
+def test_an_impossible_family_declaration_is_refused(tmp_path, family, message):
+    folder = tmp_path / "d"
+    write_parquet_dataset(folder, classes=tuple(str(d) for d in range(10)), n_train=20)
+    (folder / "classes.json").write_text(json.dumps({"classes": [str(d) for d in range(10)],
+                                                     "family": family}))
+    with pytest.raises(DatasetError, match=message):
+        create_dataset(f"parquet:{folder}", use_cache=False)
+
+
+def test_a_declaration_cannot_contradict_what_the_data_is(tmp_path):
+    write_parquet_dataset(tmp_path / "c10", classes=CIFAR10_NAMES, n_train=20)
+    with pytest.raises(DatasetError, match=r"is cifar10 \(by its class names\), not cub200"):
+        create_dataset(f"parquet:{tmp_path / 'c10'}", use_cache=False, family_declared="cub200")
+    with pytest.raises(DatasetError, match=r"digits is digits \(by its registry\), not cifar10"):
+        create_dataset("digits", family_declared="cifar10")
+
+
+def test_the_shipped_cifar10_copy_is_cifar10(shared_cifar10):
+    ds = create_dataset(f"parquet:{shared_cifar10}")
+    assert (ds.family, ds.family_source) == ("cifar10", "class names")
+
+
+def test_benchmark_class_lists_are_complete():
+    lists = data.benchmark_class_names()
+    assert {f: [len(names) for names in known] for f, known in lists.items()} == {
+        "cifar10": [10], "cifar100": [100], "cub200": [200], "tiny-imagenet": [200, 200]}
+    assert lists["cifar10"][0] == list(CIFAR10_NAMES)
+    assert all(len(set(names)) == len(names) for known in lists.values() for names in known)
 
 
 # ---- the cache ----------------------------------------------------------------------------

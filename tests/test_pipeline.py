@@ -35,8 +35,28 @@ def test_geometry_of_each_method(digits):
     rat = build_geometry(tiny(method="rat-bptt", ipc=2), digits)
     assert rat.poster_size == (2 * 8, 5 * 2 * 8) and rat.patch_grid == (10, 2)
     assert rat.achieved_ipc == 2.0
-    real = build_geometry(tiny(method="random-real", ipc=0.5), digits)
-    assert real.num_patches == 5 and real.achieved_ipc == 0.5
+    # the undistilled control has PoDD's geometry at every IPC: same pixels, same patches
+    assert build_geometry(tiny(method="random-real", ipc=0.5), digits) == podd
+
+
+def test_random_real_is_podds_layout_filled_with_real_images(digits):
+    from podd_engine.pipeline import build_trial
+    from podd_engine.poster import extract_patches
+
+    whole = build_trial(tiny(method="random-real", patch_grid="5x2", order="random", seed=3),
+                        digits)
+    patches = extract_patches(whole.poster, whole.geometry)
+    labels = whole.labels.patch_labels()
+    assert sorted(labels.argmax(1).tolist()) == list(range(10))  # one image per class
+    for patch, label in zip(patches, labels.argmax(1)):  # each patch is a real image of its class
+        same = (whole.train_images[digits.train_labels == label] == patch).flatten(1).all(1)
+        assert same.any()
+    # below 1 IPC: PoDD's poster and PoDDL labels, real pixels, nothing distilled
+    half = build_trial(tiny(method="random-real", ipc=0.5, order="random", seed=3), digits)
+    podd = build_trial(tiny(method="podd", ipc=0.5, order="random", seed=3), digits)
+    assert half.geometry == podd.geometry
+    assert torch.equal(half.labels.patch_labels(), podd.labels.patch_labels())
+    assert half.poster.std() > 5 * podd.poster.std()  # whitened images, not unit-norm noise
 
 
 @pytest.mark.parametrize("changes", [
@@ -54,8 +74,6 @@ def test_every_method_runs_and_reports(digits, changes):
     assert set(summary) >= {"achieved_ipc", "poster_pixels", "label_parameters", "config_key"}
     if changes["method"] == "random-real":
         assert steps_seen == []  # no distillation
-        # real images with hard labels: one image per class
-        assert sorted(result.labels.array.argmax(1).tolist()) == list(range(10))
     else:
         assert steps_seen == [1, 2, 3]
         assert torch.isfinite(result.poster).all()
@@ -97,16 +115,18 @@ def test_corrupt_artifact_is_detected(digits, tmp_path):
         load_artifact(tmp_path / "nothing")
 
 
-def test_paper_preset_is_chosen_by_data_set_shape():
-    config = make_config("paper", dataset="parquet:/x", num_classes=10, image_size=(32, 32),
-                         ipc=0.9)
+def test_paper_preset_is_chosen_by_data_set_family_not_shape():
+    config = make_config("paper", dataset="parquet:/x", data_family="cifar10", ipc=0.9)
     assert (config.patch_grid, config.distill_batch, config.real_batch, config.window,
             config.total_inner_steps, config.labels) == ("16x6", 96, 5000, 60, 200, "fixed")
     c100 = make_config("paper", dataset="cifar100", ipc=0.4)
     assert (c100.patch_grid, c100.labels, c100.window, c100.total_inner_steps) == \
         ("20x20", "learned", 100, 300)
+    # a 10-class 32x32 copy of no benchmark (SVHN, say) gets no CIFAR-10 preset by its shape
+    with pytest.raises(ValueError, match="no paper preset for 'parquet:/svhn'"):
+        make_config("paper", dataset="parquet:/svhn", ipc=1)
     with pytest.raises(ValueError, match="no paper preset for 'digits'"):
-        make_config("paper", dataset="digits", num_classes=10, image_size=(8, 8), ipc=1)
+        make_config("paper", dataset="digits", data_family="digits", ipc=1)
 
 
 @pytest.mark.parametrize("changes,message", [

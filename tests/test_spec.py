@@ -123,6 +123,33 @@ def test_schedules_cross_the_whole_grid_with_their_settings():
     assert len({t.key for t in trials}) == len(trials)
 
 
+def test_family_decides_the_paper_preset_not_the_shape(tmp_path):
+    from datafiles import write_parquet_dataset
+
+    # ten classes of 32x32 images that are not CIFAR-10 (an SVHN copy, say)
+    write_parquet_dataset(tmp_path / "svhn", classes=tuple(str(d) for d in range(10)),
+                          size=(32, 32), n_train=20)
+    base = f"name: t\ndataset: parquet:{tmp_path / 'svhn'}\nipc: 1\npreset: paper\n"
+
+    def info(name):
+        return create_dataset(name, cache_dir=tmp_path / "cache")
+
+    with pytest.raises(SpecError, match=r"s.yaml: preset: no paper preset for 'parquet:"):
+        expand(parse_spec(base, "s.yaml"), source="s.yaml", dataset_info=info)
+    # declared a copy of CIFAR-10, it gets CIFAR-10's settings and records the declaration
+    (trial,) = expand(parse_spec(base + "family: cifar10\n"), dataset_info=info)
+    assert (trial.config.patch_grid, trial.config.window, trial.config.family) == \
+        ("16x6", 60, "cifar10")
+    with pytest.raises(SpecError, match="s.yaml: family: .* says it is cifar100, which has 100"):
+        expand(parse_spec(base + "family: cifar100\n", "s.yaml"), source="s.yaml",
+               dataset_info=info)
+    # the declaration is a label, not a setting: it does not change the trial key
+    plain = expand(parse_spec(base.replace("preset: paper\n", "") + "family: cifar10\n"),
+                   dataset_info=info)
+    unlabelled = expand(parse_spec(base.replace("preset: paper\n", "")), dataset_info=info)
+    assert plain[0].key == unlabelled[0].key
+
+
 def test_keys_are_stable_and_ignore_where_files_live():
     first = expand(parse_spec(TINY), dataset_info=digits_info)
     again = expand(parse_spec(TINY.replace("seeds: [0, 1]", "seeds: [1, 0]")
