@@ -86,7 +86,7 @@ def main() -> None:
     verdict = json.loads(done.stdout)["datasets"][0] if done.stdout else {}
     table, table_wall = time_report(uri, "table")  # the default: what a user sees
 
-    from orchestrator.report import gather_runs
+    from orchestrator.runs import gather_runs
     start = time.perf_counter()
     gathered = gather_runs(uri, "podd-sweep")
     gather = time.perf_counter() - start

@@ -521,16 +521,22 @@ def ui_command(
 @app.command("report")
 def report_command(
     dataset: Annotated[Optional[list[str]], typer.Option(
-        help="Data set(s) to report on, by benchmark name (cifar10 also covers a Parquet copy "
-             "of it) or as the sweep wrote it [default: every data set in the store]")] = None,
+        help="Data set(s) to report on, by family (cifar10 covers every copy of CIFAR-10) or "
+             "as the sweep wrote it [default: every data set in the store]")] = None,
     tracking_uri: TrackingUriOption = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
     sweep: Annotated[Optional[str], typer.Option(help="Only the runs of this sweep.")] = None,
+    where: Annotated[list[str], typer.Option(
+        help="Only runs whose setting KEY is VALUE (KEY=VALUE, repeatable; e.g. steps=300, "
+             "width=64, sweep=smoke).")] = [],
     baseline: Annotated[str, typer.Option(
-        help="measured (rat-bptt 1-IPC runs in the store) | paper (the paper's Table 2) | a "
-             "number in % [default: measured when present, else paper]")] = "auto",
+        help="measured (the rat-bptt 1-IPC runs of each schedule) | paper (the paper's "
+             "Table 2, for schedules without a measured one too) | a number in %")] = "measured",
     criterion: Annotated[str, typer.Option(
-        help="beats (mean >= baseline) | comparable (within one baseline std)")] = "beats",
+        help="beats (mean >= baseline) | comparable (within one baseline std) | significant "
+             "(the 95 % interval of the difference above zero)")] = "beats",
+    budget: Annotated[str, typer.Option(
+        help="pixels (IPC as poster pixels) | bytes (learned labels count as storage)")] = "pixels",
     output_format: Annotated[str, typer.Option(
         "--format", help="table | json | csv | parquet")] = "table",
     output: Annotated[Optional[Path], typer.Option(
@@ -540,11 +546,14 @@ def report_command(
         help="Accuracy-vs-IPC PNG (per data set: NAME.png appended when several); also logged "
              "to the sweep's parent MLflow run.")] = None,
 ) -> None:
-    """The lowest IPC whose PoDD posters beat the 1-IPC RaT-BPTT baseline, per data set.
+    """The lowest IPC whose PoDD posters beat the 1-IPC RaT-BPTT baseline of the same schedule,
+    per data set and schedule.
 
-    Exit code: 0 every data set has a passing IPC; 1 some data set has none passing or too few
-    runs to tell (the verdict says which); 2 bad input."""
+    Exit code: 0 every verdict has a passing IPC; 1 some verdict has none passing, too few runs
+    to tell or no baseline at its schedule (the verdict says which); 2 bad input."""
     from orchestrator import report as rp
+    from orchestrator import report_output as out
+    from orchestrator.runs import describe_left_out, gather_runs, nothing_to_report, parse_where
 
     with user_errors():
         if output_format not in ("table", "json", "csv", "parquet"):
@@ -554,107 +563,59 @@ def report_command(
         if output is not None and output_format == "table":
             raise ValueError("--output is for --format json, csv or parquet: the table goes to "
                              "the terminal")
-        gathered = rp.gather_runs(tracking_uri, experiment, sweep)
+        if output is not None and output.is_dir():
+            raise ValueError(f"--output {output} is a folder: give a file name")
+        conditions = parse_where(where)
+        rp.parse_baseline(baseline)
+        if criterion not in rp.CRITERIA:
+            raise ValueError(f"--criterion must be one of {', '.join(rp.CRITERIA)}, got "
+                             f"{criterion!r}")
+        if budget not in rp.BUDGETS:
+            raise ValueError(f"--budget must be one of {', '.join(rp.BUDGETS)}, got {budget!r}")
+        gathered = gather_runs(tracking_uri, experiment, sweep)
         names = dataset or rp.datasets_in(gathered.runs)
         if not names:
-            raise rp.nothing_to_report(gathered, experiment)
-        reports = [rp.build_report(gathered, name, baseline=baseline, criterion=criterion)
-                   for name in names]
+            raise nothing_to_report(gathered, experiment)
+        reports = [rp.build_report(gathered, name, baseline=baseline, criterion=criterion,
+                                   budget=budget, where=conditions) for name in names]
         plots = {}
         if plot is not None:
             for r in reports:
-                path = rp.plot_report(r, rp.plot_path(plot, r.dataset, len(reports) > 1))
+                path = out.plot_report(r, out.plot_path(plot, r.dataset, len(reports) > 1))
                 plots[r.dataset] = path
-                rp.log_plot_to_sweeps(tracking_uri, experiment, r, path)
+                out.log_plot_to_sweeps(tracking_uri, experiment, r, path)
     for reason in (rp.RUNNING, rp.NAN_ACCURACY, rp.INCOMPLETE):
         if ids := gathered.left_out_ids(reason):
-            err_console.print(f"note: {rp.describe_left_out(ids, reason)}", highlight=False,
+            err_console.print(f"note: {describe_left_out(ids, reason)}", highlight=False,
                               soft_wrap=True)
     if output_format == "table":
+        from orchestrator.report_view import print_report
+
         for r in reports:
-            console.print(_report_table(r, rp))
-            console.print("run ids:", *_run_id_lines(r), sep="\n  ", highlight=False,
-                          soft_wrap=True)
-            console.print(f"[bold]verdict:[/] {r.verdict.message}", highlight=False)
+            print_report(console, r)
     else:
-        _write_report(reports, output_format, output, rp)
+        _write_report(reports, output_format, output, out)
     for name, path in plots.items():
         err_console.print(f"plot for {name}: {path}")
-    code = rp.exit_code([r.verdict.state for r in reports])
+    code = rp.exit_code([state for r in reports for state in r.states()])
     if code:
         raise typer.Exit(code)
 
 
-REPORT_IDS_SHOWN = 3  # full run ids per row under the table; --format json/csv lists every one
-
-
-def _report_table(r, rp) -> Table:
-    """One row per configuration, numbered: the full run ids of row #n follow the table
-    (`_run_id_lines`), where they are plain text that a narrow terminal cannot crop."""
-    b = r.baseline
-    table = Table(title=f"{r.dataset}: PoDD vs RaT-BPTT 1 IPC = "
-                        f"{rp.fmt_accuracy(b.accuracy, b.std or None)} % ({b.source}); "
-                        f"criterion: {r.criterion}", title_justify="left")
-    # two-line headers keep 13 columns within 120 characters
-    columns = ("#", "method", "IPC", "achieved", "by\nbytes", "poster\npx", "label\nparams",
-               "bytes", "config", "accuracy %", "runs", "Δ\nbaseline", "pass")
-    for column in columns:
-        text = column in ("method", "config", "pass")
-        # figures stay whole on one line; only words wrap when the terminal is narrow
-        table.add_column(column, justify="left" if text else "right", no_wrap=not text)
-    best = {(x.ipc, tuple(x.run_ids)) for x in r.verdict.per_ipc}
-    threshold = rp.passing_threshold(b, r.criterion)
-    for number, row in enumerate(r.groups.to_pylist(), start=1):
-        podd = row["method"] == "podd"
-        is_best = podd and (row["ipc"], tuple(row["run_ids"])) in best
-        verdict = {None: "too few runs", True: "pass", False: "fail"}[rp.row_passes(row, threshold)]
-        by_bytes = row["ipc_by_bytes"]
-        table.add_row(str(number), row["method"], f"{row['ipc']:g}", f"{row['achieved_ipc']:.3f}",
-                      "?" if by_bytes is None else f"{by_bytes:.3f}",
-                      f"{row['poster_pixels']:,}", f"{row['label_parameters']:,}",
-                      f"{row['storage_bytes']:,}", _row_config(row) + (" *" if is_best else ""),
-                      rp.fmt_accuracy(row["accuracy"], row["accuracy_std"]), str(row["runs"]),
-                      f"{100 * (row['accuracy'] - b.accuracy):+.2f}",
-                      verdict if podd else "")
-    table.caption = ("* the best configuration at that IPC (the one the verdict uses); poster "
-                     "px per channel; bytes: poster + labels as float32")
-    return table
-
-
-def _row_config(row: dict) -> str:
-    if row["method"] == "podd":
-        return f"{row['patch_grid']} {row['order']} {row['labels']}"
-    return row["labels"] or "-"
-
-
-def _run_id_lines(r) -> list[str]:
-    """`#n: ID ID ...` per table row: whole MLflow run ids (a prefix finds nothing in MLflow's
-    search or URL), the first REPORT_IDS_SHOWN of each row."""
-    lines = []
-    for number, row in enumerate(r.groups.to_pylist(), start=1):
-        ids = row["run_ids"]
-        more = len(ids) - REPORT_IDS_SHOWN
-        lines.append(f"#{number}: {' '.join(ids[:REPORT_IDS_SHOWN])}"
-                     + (f" (+{more} more: --format json lists every one)" if more > 0 else ""))
-    return lines
-
-
-def _write_report(reports, output_format: str, output: Optional[Path], rp) -> None:
+def _write_report(reports, output_format: str, output: Optional[Path], out) -> None:
     import pyarrow as pa
 
     # torch-free writers: report must not pay for torch at start-up
     from podd_engine.fileio import atomic_write, atomic_write_text
 
     if output_format == "json":
-        # allow_nan=False: to_dict already made NaN null; a NaN that slipped through is a bug
-        text = json.dumps({"datasets": [r.to_dict() for r in reports]}, indent=2,
-                          allow_nan=False, default=str)
+        text = out.report_json(reports)
         if output is None:
             print(text)
         else:
             atomic_write_text(text + "\n", output)
         return
-    table = pa.concat_tables([rp.groups_with_verdict(r) for r in reports],
+    table = pa.concat_tables([out.groups_with_verdict(r) for r in reports],
                              promote_options="default")
     if output_format == "csv":
         import pyarrow.csv

@@ -1,194 +1,51 @@
-"""The answer sweeps are run for: per data set, the lowest IPC whose PoDD posters beat the 1-IPC
-RaT-BPTT baseline, with the evidence (every figure traceable to MLflow run ids or to the
-paper's table).
+"""The answer sweeps are run for: per data set, the lowest IPC whose PoDD posters beat the
+1-IPC RaT-BPTT baseline *run at the same schedule*, with how sure that is and the evidence
+(every figure traceable to MLflow run ids or to the paper's table).
 
-    gathered = gather_runs(tracking_uri, "podd-sweep")  # .runs: pyarrow, one row per trial run
+    gathered = gather_runs(tracking_uri, "podd-sweep")   # orchestrator.runs: one row per run
     for dataset in datasets_in(gathered.runs):
-        report = build_report(gathered, dataset)        # groups over seeds + baseline + verdict
-        print(report.verdict.state, report.verdict.message)  # pass | none-passes | too-few-runs
-    sys.exit(exit_code([report.verdict.state, ...]))    # 0 pass, 1 none passes, 3 too few runs
+        report = build_report(gathered, dataset)          # one verdict per schedule
+        for schedule in report.schedules:
+            print(schedule.label, schedule.verdict.state, schedule.verdict.message)
+    sys.exit(exit_code(report.states()))                  # 0 every verdict passes, else 1
+
+Like with like: a *configuration* is the runs whose settings are all equal but the seed; a
+*schedule* is the runs whose settings are equal apart from the configuration (method, IPC,
+patch grid, class order, labels, PoCO's encoder). A PoDD configuration is judged only against
+baseline runs of its own schedule (or, when asked, the paper's figure), and runs of different
+schedules are never averaged together.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.store import (DATASET_TAG, KEY_TAG, ROLE_TAG, SWEEP_TAG, RunRecord, open_store,
-                                run_records, search_all)
+from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, Gathered, ReportError,
+                               finite_or_none, select_where)
+from orchestrator.stats import LEVEL, Interval, welch_interval
+from podd_engine.methods import BASELINE, CONFIGURATION_AXES, CONTROL, POSTER, get_method
 
 # RaT-BPTT at 1 IPC as reported in the PoDD paper (Table 2), test accuracy in %, mean +- std.
 PAPER_BASELINES = {"cifar10": (53.2, 0.7), "cifar100": (35.3, 0.4), "cub200": (13.8, 0.3),
                    "tiny-imagenet": (20.1, 0.3)}
 PAPER_SOURCE = "the PoDD paper's Table 2 (RaT-BPTT, 1 IPC)"
-CRITERIA = ("beats", "comparable")
-GROUP_BY = ["dataset", "method", "ipc", "patch_grid", "order", "labels"]
+CRITERIA = ("beats", "comparable", "significant")
+BUDGETS = ("pixels", "bytes")
+GROUP_BY = ["dataset", "method", "ipc", "patch_grid", "order", "labels", "settings", "schedule"]
 MIN_RUNS = 2  # fewer finished runs than this cannot tell a difference
 TIE = 1e-9  # means computed in different orders may differ in the last bit: equal is a pass
-BYTES_PER_VALUE = 4  # posters and learned labels are stored as float32
 
-# A data set's verdict, and the exit code each gives (see `exit_code`).
-PASS, NONE_PASSES, TOO_FEW_RUNS = "pass", "none-passes", "too-few-runs"
-# the issue's contract: 0 a verdict was found, 1 none was (the state says why), 2 bad input
-EXIT_CODES = {PASS: 0, NONE_PASSES: 1, TOO_FEW_RUNS: 1}
-
-# Why a trial run is not in the table.
-RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
-REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
-
-
-class ReportError(ValueError):
-    """Nothing to report on (no store, no runs, unknown data set): a message, exit code 2."""
-
-
-RUN_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("sweep", pa.string()), ("dataset", pa.string()),
-    ("dataset_source", pa.string()), ("method", pa.string()), ("ipc", pa.float64()),
-    ("achieved_ipc", pa.float64()), ("patch_grid", pa.string()), ("order", pa.string()),
-    ("labels", pa.string()), ("seed", pa.int64()), ("test_accuracy", pa.float64()),
-    ("test_accuracy_std", pa.float64()), ("eval_models", pa.int64()),
-    ("poster_pixels", pa.int64()), ("label_parameters", pa.int64()),
-    ("storage_bytes", pa.int64()), ("ipc_by_bytes", pa.float64()), ("trial_key", pa.string()),
-])
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """NaN and infinities are "unknown": null in tables, never NaN in JSON."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _run_dataset(run: RunRecord) -> tuple[str, str]:
-    """(benchmark family, data set string as the sweep named it) of a run. A RUNNING run may
-    not have logged its family yet: its data set string (param, else tag) stands in."""
-    source = run.params.get("dataset") or run.tags.get(DATASET_TAG, "")
-    return run.params.get("dataset_family") or source, source
-
-
-def _run_row(run: RunRecord) -> dict:
-    """One finished trial run, with test accuracy and poster facts, as a table row."""
-    params, metrics = run.params, run.metrics
-    family, source = _run_dataset(run)
-    method = params["method"]
-    channels = int(params.get("channels", 3))
-    classes = int(params.get("num_classes", 0))
-    height, width = (int(v) for v in params.get("image_size", "0x0").split("x"))
-    labels = int(params.get("label_parameters", 0))
-    pixels = int(params["poster_pixels"])
-    storage = (channels * pixels + labels) * BYTES_PER_VALUE
-    one_ipc = classes * channels * height * width * BYTES_PER_VALUE
-    return {
-        "run_id": run.run_id, "sweep": run.tags.get(SWEEP_TAG, ""),
-        "dataset": family, "dataset_source": source, "method": method,
-        "ipc": float(params["ipc"]),
-        "achieved_ipc": float(params.get("achieved_ipc", params["ipc"])),
-        "patch_grid": params.get("patch_grid", "") if method == "podd" else "",
-        "order": params.get("order", "") if method == "podd" else "",
-        "labels": params.get("labels", "") if method != "random-real" else "",
-        "seed": int(params.get("seed", 0)), "test_accuracy": metrics["test_accuracy"],
-        "test_accuracy_std": finite_or_none(metrics.get("test_accuracy_std", 0.0)),
-        "eval_models": int(params.get("eval_models", 0)), "poster_pixels": pixels,
-        "label_parameters": labels, "storage_bytes": storage,
-        "ipc_by_bytes": storage / one_ipc if one_ipc else None,
-        "trial_key": run.tags.get(KEY_TAG, ""),
-    }
-
-
-def _left_out_reason(run: RunRecord) -> str | None:
-    """Why a trial run cannot be in the table, or None when it can."""
-    if run.status == "RUNNING":
-        return RUNNING
-    if "test_accuracy" not in run.metrics or not REQUIRED_PARAMS <= run.params.keys():
-        return INCOMPLETE
-    if not math.isfinite(run.metrics["test_accuracy"]):
-        return NAN_ACCURACY  # a mean over NaN would poison its whole configuration
-    return None
-
-
-@dataclass(frozen=True)
-class LeftOut:
-    """A trial run that is not in the table, and why (RUNNING, NAN_ACCURACY, INCOMPLETE)."""
-
-    run_id: str
-    dataset: str
-    dataset_source: str
-    reason: str
-
-
-@dataclass
-class Gathered:
-    """The store's usable finished trial runs (RUN_SCHEMA) and the trial runs left out."""
-
-    runs: pa.Table
-    left_out: list[LeftOut] = field(default_factory=list)
-
-    def left_out_ids(self, reason: str, dataset: str | None = None) -> list[str]:
-        """Run ids left out for `reason`, of data set `dataset` (as `select_dataset` matches
-        it) or of all."""
-        return [r.run_id for r in self.left_out if r.reason == reason
-                and (dataset is None or dataset in (r.dataset, r.dataset_source))]
-
-    @property
-    def running(self) -> int:
-        return len(self.left_out_ids(RUNNING))
-
-    @property
-    def unusable(self) -> int:
-        """Finished runs without the facts a report needs (test accuracy, poster size)."""
-        return len(self.left_out_ids(INCOMPLETE))
-
-    @property
-    def nan_accuracy(self) -> list[str]:
-        return self.left_out_ids(NAN_ACCURACY)
-
-
-def gather_runs(tracking_uri: str | None, experiment: str, sweep: str | None = None) -> Gathered:
-    """The finished trial runs of the store as a table (RUN_SCHEMA); the others (RUNNING, NaN
-    accuracy, missing facts) are listed in `left_out`. FAILED and KILLED runs are neither."""
-    runs = run_records(tracking_uri, experiment, sweep=sweep)
-    if sweep is not None and not runs:
-        raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
-                          f"check the name with `podd-sweep status`")
-    rows, left_out = [], []
-    for run in runs:
-        if run.status not in ("RUNNING", "FINISHED"):
-            continue
-        reason = _left_out_reason(run)
-        if reason is None:
-            rows.append(_run_row(run))
-        else:
-            left_out.append(LeftOut(run.run_id, *_run_dataset(run), reason))
-    rows.sort(key=lambda r: r["run_id"])  # the same table whichever way the store was read
-    left_out.sort(key=lambda r: r.run_id)
-    return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
-
-
-def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
-    """One note line for the runs left out for `reason` (their full ids, the first few)."""
-    what = {RUNNING: "trial run(s) still RUNNING are left out; report again when they finish",
-            NAN_ACCURACY: "finished run(s) with test accuracy NaN are left out",
-            INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out"}
-    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
-    return f"{len(ids)} {what[reason]}: {' '.join(ids[:shown])}{more}"
-
-
-def nothing_to_report(gathered: Gathered, experiment: str) -> ReportError:
-    """The error when the store has no usable finished runs at all: say what it has instead."""
-    if gathered.running:
-        return ReportError(f"no finished trial runs in experiment {experiment!r} yet: "
-                           f"{gathered.running} still RUNNING; report again when they finish")
-    if gathered.left_out:
-        counts = Counter(r.reason for r in gathered.left_out)
-        return ReportError(f"no usable trial runs in experiment {experiment!r}: "
-                           + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-                           + " (left out)")
-    return ReportError(f"no finished trial runs in experiment {experiment!r} yet: launch a "
-                       f"sweep first")
+# A schedule's verdict, and the exit code each gives (see `exit_code`).
+PASS, NONE_PASSES, TOO_FEW_RUNS, NO_BASELINE = "pass", "none-passes", "too-few-runs", "no-baseline"
+# 0: a verdict was found; 1: none was (the state says why); bad input is 2 (ReportError)
+EXIT_CODES = {PASS: 0, NONE_PASSES: 1, TOO_FEW_RUNS: 1, NO_BASELINE: 1}
 
 
 def datasets_in(runs: pa.Table) -> list[str]:
@@ -196,15 +53,15 @@ def datasets_in(runs: pa.Table) -> list[str]:
 
 
 def select_dataset(runs: pa.Table, name: str) -> pa.Table:
-    """Runs of data set `name`, by benchmark (cifar10 covers a Parquet copy of CIFAR-10) or by
-    the exact data set string the sweep used."""
+    """Runs of data set `name`: of that family (a benchmark such as cifar10 covers every copy
+    of it), or of the exact data set string a sweep used."""
     mask = pc.or_(pc.equal(runs.column("dataset"), name),
                   pc.equal(runs.column("dataset_source"), name))
     return runs.filter(mask)
 
 
 def aggregate(runs: pa.Table) -> pa.Table:
-    """One row per (data set, method, IPC, patch grid, ordering, labels), over seeds."""
+    """One row per configuration (all settings but the seed), over its seeds."""
     # one thread keeps each group's run ids and seeds in the table's (run id) order
     grouped = runs.group_by(GROUP_BY, use_threads=False).aggregate([
         ("test_accuracy", "mean"), ("test_accuracy", "stddev", pc.VarianceOptions(ddof=1)),
@@ -218,14 +75,67 @@ def aggregate(runs: pa.Table) -> pa.Table:
              "run_id_list": "run_ids", "seed_list": "seeds"}
     grouped = grouped.rename_columns([names.get(n, n) for n in grouped.column_names])
     # one run has no spread over seeds: std 0 would look like certainty, so it stays null
-    return grouped.sort_by([("dataset", "ascending"), ("method", "ascending"),
-                            ("ipc", "ascending"), ("accuracy", "descending")])
+    return grouped.sort_by([("dataset", "ascending"), ("schedule", "ascending"),
+                            ("method", "ascending"), ("ipc", "ascending"),
+                            ("accuracy", "descending"), ("settings", "ascending")])
 
 
 def best_row(rows: list[dict]) -> dict:
     """The best configuration among those with enough seeds to judge (else the best at all)."""
     return max(rows, key=lambda r: (r["runs"] >= MIN_RUNS, r["accuracy"]))
 
+
+def role_of(method: str) -> str | None:
+    try:
+        return get_method(method).role
+    except ValueError:
+        return None  # a method this version does not know is shown, never judged
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, shown
+# --------------------------------------------------------------------------------------------
+
+UNRECORDED = "(unrecorded)"
+
+
+def display_value(text: str) -> str:
+    """A canonical setting value as people write it (300, not 300.0)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def plain(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    value = plain(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
+    """{setting: its distinct values} for the settings that are not the same in all of
+    `settings` (a setting some did not record counts as UNRECORDED)."""
+    keys = sorted(set().union(*settings)) if settings else []
+    out = {}
+    for key in keys:
+        values = sorted({display_value(s[key]) if key in s else UNRECORDED for s in settings},
+                        key=str)
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+def describe_differences(differing: dict[str, list[str]]) -> str:
+    """'steps: 120 | 300; width: 32 | 64'."""
+    return "; ".join(f"{k}: {' | '.join(v)}" for k, v in differing.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines and controls
+# --------------------------------------------------------------------------------------------
 
 @dataclass
 class Baseline:
@@ -234,83 +144,113 @@ class Baseline:
     source: str
     runs: int = 0
     run_ids: list[str] = field(default_factory=list)
+    exact: bool = False  # the paper's figure or a given number: taken as having no spread
 
 
-def dataset_family(runs: pa.Table, name: str) -> str:
-    """The benchmark the selected runs are of (`--dataset parquet:.../cifar10-jpeg` is
-    cifar10): the paper's baseline is looked up by it."""
-    families = datasets_in(runs)
-    if len(families) > 1:
-        raise ReportError(f"{name!r} names runs of several data sets ({', '.join(families)}): "
-                          f"report on one of them")
-    return families[0]
-
-
-def _measured_baseline(groups: pa.Table) -> Baseline | None:
-    """The best rat-bptt 1-IPC configuration of the store, if it has any."""
-    rows = groups.filter(pc.and_(pc.equal(groups.column("method"), "rat-bptt"),
-                                 pc.equal(groups.column("ipc"), 1.0))).to_pylist()
-    if not rows:
-        return None
-    best = best_row(rows)
-    runs = best["runs"]
-    if runs < MIN_RUNS:
-        source = (f"measured: {runs} rat-bptt 1-IPC run in this store ({best['labels']} "
-                  f"labels); too few seeds to tell its std, so comparable = beats")
-    else:
-        source = (f"measured: {runs} rat-bptt 1-IPC runs in this store ({best['labels']} "
-                  f"labels)")
-    return Baseline(best["accuracy"], best["accuracy_std"] if runs >= MIN_RUNS else None,
-                    source, runs, list(best["run_ids"]))
-
-
-def choose_baseline(groups: pa.Table, family: str, how: str) -> Baseline:
-    """measured: the store's rat-bptt 1-IPC runs (the best configuration when several);
-    paper: the paper's table for the runs' benchmark `family`; auto: measured, else paper;
-    a number: that accuracy in % (std 0)."""
-    if how not in ("measured", "paper", "auto"):
-        try:
-            value = float(how)
-        except ValueError:
-            raise ReportError(f"--baseline must be measured, paper or a number (an accuracy in "
-                              f"%), got {how!r}") from None
-        if not math.isfinite(value):
-            raise ReportError(f"--baseline must be a finite accuracy in %, got {how!r}")
-        return Baseline(value / 100, 0.0, f"given on the command line ({value:g} %)")
+def parse_baseline(how: str) -> str | float:
+    """measured (the store's runs at each schedule; `auto` is the same), paper, or a number
+    in % (returned as a fraction)."""
     if how in ("measured", "auto"):
-        measured = _measured_baseline(groups)
-        if measured is not None:
-            return measured
-        if how == "measured":
-            raise ReportError(f"no finished rat-bptt 1-IPC runs for {family} in this store: "
-                              f"add `include: [{{method: rat-bptt, ipc: 1}}]` to the sweep, or "
-                              f"use --baseline paper")
-    if family not in PAPER_BASELINES:
-        known = ", ".join(PAPER_BASELINES)
-        if how == "paper":
-            raise ReportError(f"the paper has no RaT-BPTT baseline for {family!r} (only "
-                              f"{known}): use --baseline measured or --baseline VALUE")
-        raise ReportError(f"the paper has no RaT-BPTT baseline for {family!r} (only {known}) "
-                          f"and this store has no finished rat-bptt 1-IPC runs for it: run the "
-                          f"baseline, or give --baseline VALUE")
-    mean, std = PAPER_BASELINES[family]
-    return Baseline(mean / 100, std / 100, PAPER_SOURCE)
+        return "measured"
+    if how == "paper":
+        return how
+    try:
+        value = float(how)
+    except ValueError:
+        raise ReportError(f"--baseline must be measured, paper or a number (an accuracy in %), "
+                          f"got {how!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise ReportError(f"--baseline must be an accuracy in % between 0 and 100, got {how!r}")
+    return value / 100
 
+
+def paper_baseline(family: str) -> Baseline:
+    if family not in PAPER_BASELINES:
+        raise ReportError(f"the paper has no RaT-BPTT baseline for {family!r} (only "
+                          f"{', '.join(PAPER_BASELINES)}): it is not one of the paper's "
+                          f"benchmarks, so judge it against a measured baseline or --baseline "
+                          f"VALUE")
+    mean, std = PAPER_BASELINES[family]
+    return Baseline(mean / 100, std / 100, PAPER_SOURCE, exact=True)
+
+
+def measured_baseline(rows: list[dict]) -> Baseline | None:
+    """The best baseline 1-IPC configuration among `rows` (a schedule's), if any."""
+    candidates = [r for r in rows if role_of(r["method"]) == BASELINE and r["ipc"] == 1.0]
+    if not candidates:
+        return None
+    best = best_row(candidates)
+    runs = best["runs"]
+    what = (f"measured: {runs} {best['method']} 1-IPC run{'s' if runs > 1 else ''} at this "
+            f"schedule ({best['labels']} labels)")
+    if runs < MIN_RUNS:
+        what += "; too few seeds to tell its std, so comparable = beats"
+    return Baseline(best["accuracy"], best["accuracy_std"] if runs >= MIN_RUNS else None,
+                    what, runs, list(best["run_ids"]))
+
+
+def interval_to(row: dict, baseline: Baseline) -> Interval | None:
+    """The 95 % interval of a configuration's mean minus the baseline's, over seeds."""
+    if baseline.exact:
+        return welch_interval(row["accuracy"], row["accuracy_std"], row["runs"],
+                              baseline.accuracy, None, None)
+    return welch_interval(row["accuracy"], row["accuracy_std"], row["runs"], baseline.accuracy,
+                          baseline.std, baseline.runs)
+
+
+def row_passes(row: dict, baseline: Baseline, criterion: str) -> bool | None:
+    """Pass/fail of one configuration; None with too few runs (or, for `significant`, an
+    interval that cannot be told)."""
+    if row["runs"] < MIN_RUNS:
+        return None
+    if criterion == "significant":
+        interval = interval_to(row, baseline)
+        return None if interval is None else interval.low > 0
+    allowance = (baseline.std or 0.0) if criterion == "comparable" else 0.0
+    return row["accuracy"] >= baseline.accuracy - allowance - TIE
+
+
+def _controls_for(podd: dict, controls: list[dict]) -> dict | None:
+    """The undistilled control with the same storage as a PoDD configuration: same IPC,
+    preferably the same patches, order and labels; the best one when several."""
+    same_ipc = [c for c in controls if c["ipc"] == podd["ipc"]]
+    same_cut = [c for c in same_ipc if all(c[k] == podd[k]
+                                           for k in ("patch_grid", "order", "labels"))]
+    chosen = same_cut or same_ipc
+    return best_row(chosen) if chosen else None
+
+
+def _matches_schedule(control: dict, schedule: dict[str, str]) -> bool:
+    """A control belongs to a schedule when every setting it does not ignore is the same."""
+    ignored = set(get_method(control["method"]).ignores)
+    mine = json.loads(control["schedule"])
+    return mine == {k: v for k, v in schedule.items() if k not in ignored}
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict of one schedule
+# --------------------------------------------------------------------------------------------
 
 @dataclass
 class IpcResult:
-    ipc: float
+    ipc: float  # by pixels (the requested IPC), or by bytes with --budget bytes
     accuracy: float
     accuracy_std: float | None
     runs: int
     passes: bool | None  # None: too few runs to tell
     configuration: str
     run_ids: list[str]
+    difference: float | None = None  # accuracy - baseline accuracy
+    difference_low: float | None = None  # its 95 % interval over seeds (None: unknown)
+    difference_high: float | None = None
+    control_accuracy: float | None = None  # random real images with the same storage
+    gain_over_control: float | None = None
+    control_run_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Verdict:
-    state: str  # PASS | NONE_PASSES | TOO_FEW_RUNS
+    state: str  # PASS | NONE_PASSES | TOO_FEW_RUNS | NO_BASELINE
     lowest_ipc: float | None  # the lowest judged IPC that passes
     # True: every IPC above the lowest passes; False: one above fails; None: there is no IPC
     # above it, or those above that are not failing have too few runs to judge
@@ -320,32 +260,18 @@ class Verdict:
     unjudged_ipcs: list[float] = field(default_factory=list)  # fewer than MIN_RUNS runs
 
 
-def _configuration(row: dict) -> str:
-    return f"{row['patch_grid']} patches, {row['order']} order, {row['labels']} labels"
-
-
-def passing_threshold(baseline: Baseline, criterion: str) -> float:
-    """The accuracy a configuration needs: the baseline's mean (beats), or one baseline std
-    below it (comparable; an unknown std counts as 0)."""
-    allowance = (baseline.std or 0.0) if criterion == "comparable" else 0.0
-    return baseline.accuracy - allowance - TIE
-
-
-def row_passes(row: dict, threshold: float) -> bool | None:
-    """Pass/fail of one aggregated row; None with too few runs to tell."""
-    return (row["accuracy"] >= threshold) if row["runs"] >= MIN_RUNS else None
-
-
-def best_per_ipc(groups: pa.Table, threshold: float) -> list[IpcResult]:
-    """At each PoDD IPC, the best configuration (with enough runs, if any has) and its pass."""
-    podd = groups.filter(pc.equal(groups.column("method"), "podd")).to_pylist()
-    results = []
-    for ipc in sorted({r["ipc"] for r in podd}):
-        best = best_row([r for r in podd if r["ipc"] == ipc])
-        results.append(IpcResult(ipc, best["accuracy"], best["accuracy_std"], best["runs"],
-                                 row_passes(best, threshold), _configuration(best),
-                                 list(best["run_ids"])))
-    return results
+def configuration_label(row: dict, extra_axes: tuple[str, ...] = ()) -> str:
+    """'16x6 patches, poco order, fixed labels' (+ any other configuration setting that differs
+    between the data set's configurations, e.g. 'embedder minilm')."""
+    settings = json.loads(row["settings"])
+    parts = []
+    if row["patch_grid"]:
+        parts.append(f"{row['patch_grid']} patches")
+    if row["order"]:
+        parts.append(f"{row['order']} order")
+    parts.append(f"{row['labels']} labels")
+    parts += [f"{k} {display_value(settings[k])}" for k in extra_axes if k in settings]
+    return ", ".join(parts)
 
 
 def _ipcs(results: list[IpcResult]) -> str:
@@ -376,60 +302,109 @@ def _above_lowest(lowest: IpcResult, per_ipc: list[IpcResult]) -> tuple[bool | N
     return True, "every IPC above it passes too"
 
 
-def decide(groups: pa.Table, baseline: Baseline, criterion: str, dataset: str) -> Verdict:
+def _how_sure(result: IpcResult) -> str:
+    if result.difference is None:
+        return ""
+    text = f"difference at {result.ipc:g} IPC {100 * result.difference:+.2f} points"
+    if result.difference_low is None:
+        return text + " (interval unknown: a side has one run)"
+    return (text + f", {100 * LEVEL:.0f} % interval [{100 * result.difference_low:+.2f}, "
+                   f"{100 * result.difference_high:+.2f}] over seeds")
+
+
+def judge(podd: list[dict], baseline: Baseline, criterion: str, budget: str,
+          controls: list[dict], extra_axes: tuple[str, ...]) -> list[IpcResult]:
+    """At each PoDD IPC (by pixels, or by bytes), the best configuration (with enough runs,
+    if any has), its pass, its difference to the baseline and its gain over the control."""
+    def judged_ipc(row: dict) -> float:
+        if budget == "bytes" and row["ipc_by_bytes"] is not None:
+            return round(row["ipc_by_bytes"], 3)
+        return row["ipc"]
+
+    results = []
+    for ipc in sorted({judged_ipc(r) for r in podd}):
+        best = best_row([r for r in podd if judged_ipc(r) == ipc])
+        interval = interval_to(best, baseline)
+        control = _controls_for(best, controls)
+        results.append(IpcResult(
+            ipc, best["accuracy"], best["accuracy_std"], best["runs"],
+            row_passes(best, baseline, criterion), configuration_label(best, extra_axes),
+            list(best["run_ids"]), best["accuracy"] - baseline.accuracy,
+            interval.low if interval else None, interval.high if interval else None,
+            control["accuracy"] if control else None,
+            best["accuracy"] - control["accuracy"] if control else None,
+            list(control["run_ids"]) if control else []))
+    return results
+
+
+def decide(per_ipc: list[IpcResult], baseline: Baseline | None, criterion: str, name: str
+           ) -> Verdict:
     """The lowest IPC whose best PoDD configuration reaches the baseline (beats: mean >= the
-    baseline's mean; comparable: within one baseline std below it).
+    baseline's mean; comparable: within one baseline std below it; significant: the whole
+    95 % interval of the difference above zero).
 
     pass: some judged IPC passes. none-passes: every IPC was judged (>= MIN_RUNS runs) and
     each fails. too-few-runs: none of the judged IPCs passes, but some IPC (or every one, or
     there are no PoDD runs at all) has too few runs to judge, so one could still pass."""
-    if criterion not in CRITERIA:
-        raise ReportError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    per_ipc = best_per_ipc(groups, passing_threshold(baseline, criterion))
     judged = [r for r in per_ipc if r.passes is not None]
     unjudged = [r for r in per_ipc if r.passes is None]
     unjudged_ipcs = [r.ipc for r in unjudged]
+    if not per_ipc or baseline is None:
+        return Verdict(TOO_FEW_RUNS, None, None, f"{name}: too few runs to tell: no finished "
+                                                 f"PoDD runs to judge", per_ipc)
     base = f"the baseline {100 * baseline.accuracy:.2f} % ({baseline.source})"
-    if not per_ipc:
-        return Verdict(TOO_FEW_RUNS, None, None, f"{dataset}: too few runs to tell: no "
-                                                 f"finished PoDD runs to judge", per_ipc)
     passing = [r for r in judged if r.passes]
     if passing:
         lowest = min(passing, key=lambda r: r.ipc)
         all_above, above_text = _above_lowest(lowest, per_ipc)
-        word = "beats" if criterion == "beats" else "is comparable to (within one std of)"
-        message = (f"{dataset}: {lowest.ipc:g} IPC is the lowest at which PoDD "
+        word = {"beats": "beats", "comparable": "is comparable to (within one std of)",
+                "significant": "beats (the whole 95 % interval above zero)"}[criterion]
+        message = (f"{name}: {lowest.ipc:g} IPC is the lowest at which PoDD "
                    f"({100 * lowest.accuracy:.2f} % over {lowest.runs} runs, "
                    f"{lowest.configuration}) {word} {base}; {above_text}")
         below = [r for r in unjudged if r.ipc < lowest.ipc]
         if below:
             message += (f"; {_ipcs(below)} below it cannot be judged (too few runs), so the "
                         f"lowest may be lower")
+        message += f"; {_how_sure(lowest)}"
         return Verdict(PASS, lowest.ipc, all_above, message, per_ipc, unjudged_ipcs)
-    miss = "is below" if criterion == "beats" else "is more than one std below"
-    too_few = (f"{_ipcs(unjudged)} cannot be judged: fewer than {MIN_RUNS} finished runs "
+    miss = {"beats": "is below", "comparable": "is more than one std below",
+            "significant": "is not surely above"}[criterion]
+    reason = ("fewer than 2 finished runs" if criterion != "significant" else
+              "fewer than 2 finished runs, or an interval that cannot be told")
+    too_few = (f"{_ipcs(unjudged)} cannot be judged: {reason} "
                f"({', '.join(str(r.runs) for r in unjudged)}); add seeds")
     if not judged:
-        return Verdict(TOO_FEW_RUNS, None, None, f"{dataset}: too few runs to tell: "
-                                                 f"{too_few}", per_ipc, unjudged_ipcs)
+        return Verdict(TOO_FEW_RUNS, None, None, f"{name}: too few runs to tell: {too_few}",
+                       per_ipc, unjudged_ipcs)
     best = max(judged, key=lambda r: r.accuracy)
     failed = (f"the best judged PoDD poster ({best.ipc:g} IPC, {100 * best.accuracy:.2f} %) "
-              f"{miss} {base}")
+              f"{miss} {base}; {_how_sure(best)}")
     if unjudged:
-        return Verdict(TOO_FEW_RUNS, None, None, f"{dataset}: too few runs to tell: no judged "
+        return Verdict(TOO_FEW_RUNS, None, None, f"{name}: too few runs to tell: no judged "
                                                  f"IPC passes ({failed}), but {too_few}",
                        per_ipc, unjudged_ipcs)
-    return Verdict(NONE_PASSES, None, None, f"{dataset}: no IPC passes: {failed}", per_ipc)
+    return Verdict(NONE_PASSES, None, None, f"{name}: no IPC passes: {failed}", per_ipc)
+
+
+def no_baseline_verdict(name: str, label: str) -> Verdict:
+    where = f" ({label})" if label else ""
+    return Verdict(NO_BASELINE, None, None,
+                   f"{name}: no verdict: no finished RaT-BPTT 1-IPC runs at this "
+                   f"schedule{where} to judge against: run the baseline with the same settings "
+                   f"(add `include: [{{method: rat-bptt, ipc: 1}}]` to the sweep), or judge "
+                   f"against the paper's figure with --baseline paper", [])
 
 
 def exit_code(states: list[str]) -> int:
-    """0 when every data set has a passing IPC; else 1 (some data set has none passing, or too
-    few runs to tell: the verdict's state and message say which)."""
-    for state in (NONE_PASSES, TOO_FEW_RUNS):
-        if state in states:
-            return EXIT_CODES[state]
-    return EXIT_CODES[PASS]
+    """0 when every verdict has a passing IPC; else 1 (none passes, too few runs to tell, or
+    no baseline to judge against: the verdict's state and message say which)."""
+    return max((EXIT_CODES[s] for s in states), default=EXIT_CODES[PASS])
 
+
+# --------------------------------------------------------------------------------------------
+# A data set's report: its schedules, each with its own verdict
+# --------------------------------------------------------------------------------------------
 
 def json_safe(value: Any) -> Any:
     """`value` with every NaN or infinity as None: JSON has no NaN (json.dumps would write a
@@ -444,26 +419,69 @@ def json_safe(value: Any) -> Any:
 
 
 @dataclass
-class DatasetReport:
-    dataset: str  # as asked for (a benchmark name, or the data set string a sweep used)
-    family: str  # the benchmark its runs are of (the paper baseline's key)
-    criterion: str
-    baseline: Baseline
+class ScheduleReport:
+    label: str  # the settings that set it apart from the data set's other schedules ('' if one)
+    schedule: dict[str, str]  # every schedule setting (display form)
+    baseline: Baseline | None
     verdict: Verdict
-    groups: pa.Table
+    groups: pa.Table  # its PoDD configurations, its baselines and the controls that match it
+
+
+@dataclass
+class DatasetReport:
+    dataset: str  # as asked for (a family name, or the data set string a sweep used)
+    family: str  # the benchmark its runs are of (the paper baseline's key), or its own name
+    criterion: str
+    budget: str
+    schedules: list[ScheduleReport]
+    differing: dict[str, list[str]]  # schedule settings that differ, with their values
     runs: pa.Table
     left_out: dict[str, list[str]] = field(default_factory=dict)  # reason -> run ids
+
+    def states(self) -> list[str]:
+        return [s.verdict.state for s in self.schedules]
+
+    def only(self) -> ScheduleReport:
+        if len(self.schedules) != 1:
+            raise ValueError(f"{self.dataset} has {len(self.schedules)} schedules: use "
+                             f".schedules")
+        return self.schedules[0]
+
+    # a data set with one schedule reads as it always did
+    @property
+    def verdict(self) -> Verdict:
+        return self.only().verdict
+
+    @property
+    def baseline(self) -> Baseline | None:
+        return self.only().baseline
+
+    @property
+    def groups(self) -> pa.Table:
+        return self.only().groups
 
     def to_dict(self) -> dict:
         return json_safe({
             "dataset": self.dataset, "family": self.family, "criterion": self.criterion,
-            "baseline": asdict(self.baseline), "verdict": asdict(self.verdict),
-            "groups": self.groups.to_pylist(), "runs": self.runs.to_pylist(),
-            "left_out": self.left_out})
+            "budget": self.budget, "differing_settings": self.differing,
+            "schedules": [{"label": s.label, "settings": s.schedule,
+                           "baseline": asdict(s.baseline) if s.baseline else None,
+                           "verdict": asdict(s.verdict), "groups": s.groups.to_pylist()}
+                          for s in self.schedules],
+            "runs": self.runs.to_pylist(), "left_out": self.left_out})
 
 
-def _no_runs_error(gathered: Gathered, dataset: str) -> ReportError:
-    """Why `dataset` has no runs to report on: still running, all left out, unknown, or none."""
+def dataset_family(runs: pa.Table, name: str) -> str:
+    families = datasets_in(runs)
+    if len(families) > 1:
+        raise ReportError(f"{name!r} names runs of several data sets ({', '.join(families)}): "
+                          f"report on one of them")
+    return families[0]
+
+
+def _no_runs_error(gathered: Gathered, dataset: str, where: dict[str, str]) -> ReportError:
+    """Why `dataset` has no runs to report on: still running, all left out, filtered out,
+    unknown, or none."""
     running = gathered.left_out_ids(RUNNING, dataset)
     if running:
         return ReportError(f"no finished runs for {dataset} yet: {len(running)} trial run(s) "
@@ -474,6 +492,9 @@ def _no_runs_error(gathered: Gathered, dataset: str) -> ReportError:
         return ReportError(f"no usable finished runs for {dataset}: "
                            + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
                            + " (left out)")
+    if where and select_dataset(gathered.runs, dataset).num_rows:
+        return ReportError(f"no runs of {dataset} match --where "
+                           + " ".join(f"{k}={display_value(v)}" for k, v in where.items()))
     known = datasets_in(gathered.runs)
     from podd_engine.data import list_datasets  # torch: only on this error path
 
@@ -486,133 +507,61 @@ def _no_runs_error(gathered: Gathered, dataset: str) -> ReportError:
                        + ": launch a sweep for it first")
 
 
-def build_report(gathered: Gathered, dataset: str, *, baseline: str = "auto",
-                 criterion: str = "beats") -> DatasetReport:
-    runs = select_dataset(gathered.runs, dataset)
+def _extra_configuration_axes(groups: list[dict]) -> tuple[str, ...]:
+    """Configuration settings beyond patch grid, order and labels that differ between the
+    PoDD configurations (they are named in each configuration's label)."""
+    podd = [json.loads(g["settings"]) for g in groups if role_of(g["method"]) == POSTER]
+    shown = ("patch_grid", "order", "labels")
+    return tuple(k for k in differing_settings(podd) if k in CONFIGURATION_AXES
+                 and k not in shown)
+
+
+def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured",
+                 criterion: str = "beats", budget: str = "pixels",
+                 where: dict[str, str] | None = None) -> DatasetReport:
+    if criterion not in CRITERIA:
+        raise ReportError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if budget not in BUDGETS:
+        raise ReportError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    how = parse_baseline(baseline)
+    where = where or {}
+    runs = select_where(select_dataset(gathered.runs, dataset), where)
     if runs.num_rows == 0:
-        raise _no_runs_error(gathered, dataset)
+        raise _no_runs_error(gathered, dataset, where)
     family = dataset_family(runs, dataset)
-    groups = aggregate(runs)
-    chosen = choose_baseline(groups, family, baseline)
+    fixed = paper_baseline(family) if how == "paper" else None
+    if isinstance(how, float):
+        fixed = Baseline(how, 0.0, f"given on the command line ({100 * how:g} %)", exact=True)
+    table = aggregate(runs)
+    groups = table.to_pylist()
+    extra_axes = _extra_configuration_axes(groups)
+    judged_roles = (POSTER, BASELINE)
+    schedule_texts = sorted({g["schedule"] for g in groups if role_of(g["method"]) in judged_roles})
+    schedules = [json.loads(t) for t in schedule_texts]
+    differing = differing_settings(schedules)
+    reports = []
+    for text, schedule in zip(schedule_texts, schedules):
+        label = ", ".join(f"{k}={display_value(schedule[k]) if k in schedule else UNRECORDED}"
+                          for k in differing)
+        name = f"{dataset} [{label}]" if label else dataset
+        shown = [i for i, g in enumerate(groups)
+                 if (g["schedule"] == text and role_of(g["method"]) in judged_roles)
+                 or (role_of(g["method"]) == CONTROL and _matches_schedule(g, schedule))]
+        mine = [groups[i] for i in shown]
+        podd = [g for g in mine if role_of(g["method"]) == POSTER]
+        controls = [g for g in mine if role_of(g["method"]) == CONTROL]
+        chosen = fixed or measured_baseline(mine)
+        if not podd:
+            verdict = decide([], chosen, criterion, name)
+        elif chosen is None:
+            verdict = no_baseline_verdict(name, label)
+        else:
+            verdict = decide(judge(podd, chosen, criterion, budget, controls, extra_axes),
+                             chosen, criterion, name)
+        reports.append(ScheduleReport(label, {k: display_value(v) for k, v in schedule.items()},
+                                      chosen, verdict, table.take(pa.array(shown, type=pa.int64()))))
     left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE)
                 if (ids := gathered.left_out_ids(reason, dataset))}
-    return DatasetReport(dataset, family, criterion, chosen,
-                         decide(groups, chosen, criterion, dataset), groups, runs, left_out)
+    return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out)
 
 
-# Columns groups_with_verdict adds to the aggregated table (csv/parquet), in order.
-VERDICT_FIELDS = [
-    ("report", pa.string()), ("best", pa.bool_()), ("passes", pa.bool_()),
-    ("delta_to_baseline", pa.float64()), ("baseline_accuracy", pa.float64()),
-    ("baseline_std", pa.float64()), ("baseline_source", pa.string()),
-    ("criterion", pa.string()), ("verdict", pa.string()), ("lowest_ipc", pa.float64()),
-]
-
-
-def groups_with_verdict(report: DatasetReport) -> pa.Table:
-    """The aggregated table, one row per configuration, with the baseline, the data set's
-    verdict and pass/fail per row (for csv/parquet; run ids and seeds space-separated)."""
-    threshold = passing_threshold(report.baseline, report.criterion)
-    judged = {(r.ipc, tuple(r.run_ids)) for r in report.verdict.per_ipc}
-    rows = report.groups.to_pylist()
-    for row in rows:
-        podd = row["method"] == "podd"
-        row["best"] = podd and (row["ipc"], tuple(row["run_ids"])) in judged
-        row["run_ids"] = " ".join(row["run_ids"])
-        row["seeds"] = " ".join(map(str, row["seeds"]))
-        row["report"] = report.dataset
-        row["passes"] = row_passes(row, threshold) if podd else None
-        row["delta_to_baseline"] = row["accuracy"] - report.baseline.accuracy
-        row["baseline_accuracy"] = report.baseline.accuracy
-        row["baseline_std"] = report.baseline.std
-        row["baseline_source"] = report.baseline.source
-        row["criterion"] = report.criterion
-        row["verdict"] = report.verdict.state
-        row["lowest_ipc"] = report.verdict.lowest_ipc
-    listed = {"run_ids": pa.string(), "seeds": pa.string()}
-    schema = pa.schema([pa.field(f.name, listed.get(f.name, f.type))
-                        for f in report.groups.schema] + VERDICT_FIELDS)
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _plot_title(report: DatasetReport) -> str:
-    verdict = report.verdict
-    if verdict.state == PASS:
-        return f"{report.dataset}: lowest passing IPC {verdict.lowest_ipc:g}"
-    if verdict.state == NONE_PASSES:
-        return f"{report.dataset}: no IPC passes"
-    return f"{report.dataset}: too few runs to tell"
-
-
-def plot_report(report: DatasetReport, path: Path) -> Path:
-    """Accuracy vs IPC: every PoDD configuration (faint), the best per IPC with its std over
-    seeds, and the baseline as a band of one std. Written atomically: a viewer or the MLflow
-    upload never reads half a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from podd_engine.fileio import atomic_write
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    b = report.baseline
-    if b.std:
-        ax.axhspan(100 * (b.accuracy - b.std), 100 * (b.accuracy + b.std), color="tab:red",
-                   alpha=0.15, lw=0)
-    ax.axhline(100 * b.accuracy, color="tab:red", lw=1.5,
-               label=f"RaT-BPTT 1 IPC: {100 * b.accuracy:.1f} % ({b.source.split(':')[0]})")
-    podd = [r for r in report.groups.to_pylist() if r["method"] == "podd"]
-    ax.scatter([r["ipc"] for r in podd], [100 * r["accuracy"] for r in podd], s=14,
-               color="tab:blue", alpha=0.3, label="PoDD configurations")
-    best = report.verdict.per_ipc
-    ax.errorbar([r.ipc for r in best], [100 * r.accuracy for r in best],
-                yerr=[100 * (r.accuracy_std or 0.0) for r in best], color="tab:blue",
-                marker="o", capsize=3, label="PoDD, best configuration per IPC")
-    for r in best:
-        if r.passes:
-            ax.scatter([r.ipc], [100 * r.accuracy], s=90, facecolors="none",
-                       edgecolors="tab:green", linewidths=2)
-    random_real = [r for r in report.groups.to_pylist() if r["method"] == "random-real"]
-    if random_real:
-        ax.scatter([r["ipc"] for r in random_real], [100 * r["accuracy"] for r in random_real],
-                   marker="x", color="gray", label="random real images")
-    ax.set_title(_plot_title(report), fontsize=11)
-    ax.set_xlabel("images per class (IPC)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    try:  # the temporary file has no .png suffix: name the format
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return path
-
-
-def plot_path(plot: Path, dataset: str, several: bool) -> Path:
-    """`--plot acc.png` as is for one data set; acc-NAME.png per data set when several (the
-    data set name with ':' and '/' as '_', so a Parquet path makes one file name)."""
-    if not several:
-        return plot
-    safe = dataset.replace(":", "_").replace("/", "_")
-    return plot.with_name(f"{plot.stem}-{safe}{plot.suffix}")
-
-
-def log_plot_to_sweeps(tracking_uri: str | None, experiment: str, report: DatasetReport,
-                       plot: Path) -> list[str]:
-    """Attach the plot to the parent run of every sweep whose runs it shows."""
-    client, experiment_id = open_store(tracking_uri, experiment)
-    sweeps = sorted(set(report.runs.column("sweep").to_pylist()))
-    logged = []
-    for sweep in sweeps:
-        for parent in search_all(client, experiment_id, f"tags.`{SWEEP_TAG}` = '{sweep}' and "
-                                                        f"tags.`{ROLE_TAG}` = 'sweep'"):
-            client.log_artifact(parent.info.run_id, str(plot), "report")
-            logged.append(parent.info.run_id)
-    return logged
-
-
-def fmt_accuracy(mean: float, std: float | None) -> str:
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{100 * mean:.2f}"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"

@@ -18,3 +18,13 @@ def shared_cifar10() -> Path:
     if not (SHARED_CIFAR10 / "train.parquet").exists():
         pytest.skip(f"the shared CIFAR-10 Parquet is not at {SHARED_CIFAR10}")
     return SHARED_CIFAR10
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for every test of the session that runs real sweeps."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -25,15 +25,6 @@ ENGINE = ("settings: {width: 8, steps: 6, total_inner_steps: 4, window: 2, disti
           "real_batch: 64, real_chunk: 64, eval_models: 1, eval_steps: [20]}\n")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def write_spec(folder: Path, name: str, body: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"name: {name}\ndataset: digits\nclass_order: identity\n"
@@ -327,9 +318,11 @@ def test_status_and_report_read_a_real_sweep(tmp_path):
                                  "--format", "json"])
     assert report.exit_code in (0, 1), report.output  # a verdict either way
     (data,) = json.loads(report.stdout)["datasets"]
+    (schedule,) = data["schedules"]  # one sweep, one schedule
     # the report words it "2 rat-bptt 1-IPC runs" (earlier "run(s)")
-    assert data["baseline"]["source"].startswith("measured: 2 rat-bptt 1-IPC run")
-    assert [r["ipc"] for r in data["verdict"]["per_ipc"]] == [1.0]
+    assert schedule["baseline"]["source"].startswith("measured: 2 rat-bptt 1-IPC runs at this "
+                                                     "schedule")
+    assert [r["ipc"] for r in schedule["verdict"]["per_ipc"]] == [1.0]
     assert {r["method"] for r in data["runs"]} == {"podd", "rat-bptt"}
     assert all(0 < r["test_accuracy"] <= 1 and r["ipc_by_bytes"] > 0.99 for r in data["runs"])
     missing = runner.invoke(app, ["status", "nope", "--tracking-uri",

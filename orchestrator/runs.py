@@ -1,0 +1,272 @@
+"""The finished trial runs of an MLflow store as one table, with what each run computed.
+
+    gathered = gather_runs(tracking_uri, "podd-sweep")   # .runs: pyarrow, one row per run
+    gathered.left_out                                    # RUNNING, NaN or incomplete runs
+
+Every row carries the run's *settings*: each engine setting that changes a result (a field of
+`TrialConfig`, less where files live and the seed), as the run recorded it. Runs are compared
+by them, so a setting added to the engine later is compared too, with no list to keep. The
+settings split into the poster *configuration* (method, IPC, patch grid, class order, labels,
+PoCO's encoder: `podd_engine.methods.CONFIGURATION_AXES`) and the *schedule* (everything else:
+steps, horizon, network, real batch, evaluation, data). Imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from orchestrator.store import DATASET_TAG, KEY_TAG, SWEEP_TAG, RunRecord, run_records
+from podd_engine.config import PLACEMENT, TrialConfig
+from podd_engine.methods import CONFIGURATION_AXES, get_method
+
+BYTES_PER_VALUE = 4  # posters and learned labels are stored as float32
+# Result-changing settings, from the engine's own config: the seed is what repeats a run.
+SETTINGS = tuple(f.name for f in dataclasses.fields(TrialConfig)
+                 if f.name not in PLACEMENT and f.name != "seed")
+# Which method and how many pixels: a configuration's identity, not part of its schedule.
+IDENTITY = ("method", "ipc")
+
+# Why a trial run is not in the table.
+RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
+REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
+
+
+class ReportError(ValueError):
+    """Nothing to report on (no store, no runs, unknown data set): a message, exit code 2."""
+
+
+RUN_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("sweep", pa.string()), ("dataset", pa.string()),
+    ("dataset_source", pa.string()), ("method", pa.string()), ("ipc", pa.float64()),
+    ("achieved_ipc", pa.float64()), ("patch_grid", pa.string()), ("order", pa.string()),
+    ("labels", pa.string()), ("seed", pa.int64()), ("test_accuracy", pa.float64()),
+    ("test_accuracy_std", pa.float64()), ("eval_models", pa.int64()),
+    ("poster_pixels", pa.int64()), ("label_parameters", pa.int64()),
+    ("storage_bytes", pa.int64()), ("ipc_by_bytes", pa.float64()), ("trial_key", pa.string()),
+    ("settings", pa.string()),   # JSON: every result-changing setting but the seed
+    ("schedule", pa.string()),   # JSON: the settings that are not the configuration
+])
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """NaN and infinities are "unknown": null in tables, never NaN in JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def canonical_value(text: str) -> str:
+    """A recorded setting in one spelling: numbers as floats (`1`, `1.0` and `1e0` are one
+    IPC), lists element by element, anything else as written."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def number(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return [number(x) for x in v] if isinstance(v, list) else v
+        return float(v)
+
+    if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+        return json.dumps(number(value))
+    return text
+
+
+def run_settings(params: dict[str, str]) -> dict[str, str]:
+    """The run's result-changing settings, as recorded (a setting the run did not record is
+    absent: compared as unknown, so it never matches a recorded value)."""
+    method = params.get("method", "")
+    try:
+        ignored = set(get_method(method).ignores)
+    except ValueError:  # a method this version does not know: compare everything it recorded
+        ignored = set()
+    return {name: canonical_value(params[name]) for name in SETTINGS
+            if name in params and name not in ignored}
+
+
+def schedule_of(settings: dict[str, str]) -> dict[str, str]:
+    """The part of a run's settings that is not its poster configuration."""
+    return {k: v for k, v in settings.items() if k not in CONFIGURATION_AXES and k not in IDENTITY}
+
+
+def as_json(settings: dict[str, str]) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def _run_dataset(run: RunRecord) -> tuple[str, str]:
+    """(family, data set string as the sweep named it) of a run. A RUNNING run may not have
+    logged its family yet: its data set string (param, else tag) stands in."""
+    source = run.params.get("dataset") or run.tags.get(DATASET_TAG, "")
+    return run.params.get("dataset_family") or source, source
+
+
+def _run_row(run: RunRecord) -> dict:
+    """One finished trial run, with test accuracy and poster facts, as a table row."""
+    params, metrics = run.params, run.metrics
+    family, source = _run_dataset(run)
+    method = params["method"]
+    try:
+        spec = get_method(method)
+        uses_grid, uses_order = spec.uses_patch_grid, spec.uses_order
+    except ValueError:
+        uses_grid = uses_order = True
+    channels = int(params.get("channels", 3))
+    classes = int(params.get("num_classes", 0))
+    height, width = (int(v) for v in params.get("image_size", "0x0").split("x"))
+    labels = int(params.get("label_parameters", 0))
+    pixels = int(params["poster_pixels"])
+    storage = (channels * pixels + labels) * BYTES_PER_VALUE
+    one_ipc = classes * channels * height * width * BYTES_PER_VALUE
+    settings = run_settings(params)
+    return {
+        "run_id": run.run_id, "sweep": run.tags.get(SWEEP_TAG, ""),
+        "dataset": family, "dataset_source": source, "method": method,
+        "ipc": float(params["ipc"]),
+        "achieved_ipc": float(params.get("achieved_ipc", params["ipc"])),
+        "patch_grid": params.get("patch_grid", "") if uses_grid else "",
+        "order": params.get("order", "") if uses_order else "",
+        "labels": params.get("labels", ""),
+        "seed": int(params.get("seed", 0)), "test_accuracy": metrics["test_accuracy"],
+        "test_accuracy_std": finite_or_none(metrics.get("test_accuracy_std", 0.0)),
+        "eval_models": int(params.get("eval_models", 0)), "poster_pixels": pixels,
+        "label_parameters": labels, "storage_bytes": storage,
+        "ipc_by_bytes": storage / one_ipc if one_ipc else None,
+        "trial_key": run.tags.get(KEY_TAG, ""),
+        "settings": as_json(settings), "schedule": as_json(schedule_of(settings)),
+    }
+
+
+def _left_out_reason(run: RunRecord) -> str | None:
+    """Why a trial run cannot be in the table, or None when it can."""
+    if run.status == "RUNNING":
+        return RUNNING
+    if "test_accuracy" not in run.metrics or not REQUIRED_PARAMS <= run.params.keys():
+        return INCOMPLETE
+    if not math.isfinite(run.metrics["test_accuracy"]):
+        return NAN_ACCURACY  # a mean over NaN would poison its whole configuration
+    return None
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A trial run that is not in the table, and why (RUNNING, NAN_ACCURACY, INCOMPLETE)."""
+
+    run_id: str
+    dataset: str
+    dataset_source: str
+    reason: str
+
+
+@dataclass
+class Gathered:
+    """The store's usable finished trial runs (RUN_SCHEMA) and the trial runs left out."""
+
+    runs: pa.Table
+    left_out: list[LeftOut] = field(default_factory=list)
+
+    def left_out_ids(self, reason: str, dataset: str | None = None) -> list[str]:
+        """Run ids left out for `reason`, of data set `dataset` (as `select_dataset` matches
+        it) or of all."""
+        return [r.run_id for r in self.left_out if r.reason == reason
+                and (dataset is None or dataset in (r.dataset, r.dataset_source))]
+
+    @property
+    def running(self) -> int:
+        return len(self.left_out_ids(RUNNING))
+
+    @property
+    def unusable(self) -> int:
+        """Finished runs without the facts a report needs (test accuracy, poster size)."""
+        return len(self.left_out_ids(INCOMPLETE))
+
+    @property
+    def nan_accuracy(self) -> list[str]:
+        return self.left_out_ids(NAN_ACCURACY)
+
+
+def gather_runs(tracking_uri: str | None, experiment: str, sweep: str | None = None) -> Gathered:
+    """The finished trial runs of the store as a table (RUN_SCHEMA); the others (RUNNING, NaN
+    accuracy, missing facts) are listed in `left_out`. FAILED and KILLED runs are neither."""
+    runs = run_records(tracking_uri, experiment, sweep=sweep)
+    if sweep is not None and not runs:
+        raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
+                          f"check the name with `podd-sweep status`")
+    return gathered_from(runs)
+
+
+def gathered_from(runs: list[RunRecord]) -> Gathered:
+    """The table of `runs` (in any order: rows are sorted by run id)."""
+    rows, left_out = [], []
+    for run in runs:
+        if run.status not in ("RUNNING", "FINISHED"):
+            continue
+        reason = _left_out_reason(run)
+        if reason is None:
+            rows.append(_run_row(run))
+        else:
+            left_out.append(LeftOut(run.run_id, *_run_dataset(run), reason))
+    rows.sort(key=lambda r: r["run_id"])  # the same table whichever way the store was read
+    left_out.sort(key=lambda r: r.run_id)
+    return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
+
+
+def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
+    """One note line for the runs left out for `reason` (their full ids, the first few)."""
+    what = {RUNNING: "trial run(s) still RUNNING are left out; report again when they finish",
+            NAN_ACCURACY: "finished run(s) with test accuracy NaN are left out",
+            INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out"}
+    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    return f"{len(ids)} {what[reason]}: {' '.join(ids[:shown])}{more}"
+
+
+def nothing_to_report(gathered: Gathered, experiment: str) -> ReportError:
+    """The error when the store has no usable finished runs at all: say what it has instead."""
+    if gathered.running:
+        return ReportError(f"no finished trial runs in experiment {experiment!r} yet: "
+                           f"{gathered.running} still RUNNING; report again when they finish")
+    if gathered.left_out:
+        counts = Counter(r.reason for r in gathered.left_out)
+        return ReportError(f"no usable trial runs in experiment {experiment!r}: "
+                           + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+                           + " (left out)")
+    return ReportError(f"no finished trial runs in experiment {experiment!r} yet: launch a "
+                       f"sweep first")
+
+
+def parse_where(conditions: list[str]) -> dict[str, str]:
+    """`--where KEY=VALUE` (repeatable) as {KEY: canonical VALUE}; KEY is an engine setting
+    (the data set string among them) or one of the run columns `sweep` and `seed`."""
+    known = set(SETTINGS) | set(_RUN_COLUMNS)
+    where: dict[str, str] = {}
+    for condition in conditions:
+        key, sep, value = condition.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise ReportError(f"--where must be KEY=VALUE (e.g. --where steps=300), got "
+                              f"{condition!r}")
+        if key not in known:
+            raise ReportError(f"--where: unknown setting {key!r}: use an engine setting (e.g. "
+                              f"steps, width, window, dataset) or sweep or seed")
+        where[key] = canonical_value(value.strip())
+    return where
+
+
+_RUN_COLUMNS = ("sweep", "seed")
+
+
+def select_where(runs: pa.Table, where: dict[str, str]) -> pa.Table:
+    """The runs whose recorded value of every KEY equals VALUE (`parse_where`)."""
+    if not where:
+        return runs
+    keep = []
+    for i, row in enumerate(runs.select(["settings", *_RUN_COLUMNS]).to_pylist()):
+        settings = json.loads(row["settings"])
+        if all((canonical_value(str(row[key])) if key in _RUN_COLUMNS else settings.get(key))
+               == value for key, value in where.items()):
+            keep.append(i)
+    return runs.take(pa.array(keep, type=pa.int64()))
