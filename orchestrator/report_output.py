@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from orchestrator.report import (NONE_PASSES, PASS, DatasetReport, ScheduleReport, interval_to,
-                                 role_of, row_passes)
+from orchestrator.report import DatasetReport, ScheduleReport, role_of
+from orchestrator.verdict import NONE_PASSES, PASS, interval_to, row_passes
 from orchestrator.store import ROLE_TAG, SWEEP_TAG, open_store, search_all
 from podd_engine.methods import CONTROL, POSTER
 

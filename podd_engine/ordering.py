@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from podd_engine.config import CLIP_MODES, EMBEDDERS, ORDERINGS
+from podd_engine.config import CLIP_MODES, ORDERINGS
 
 
 
