@@ -127,8 +127,8 @@ class ClipTextEmbedder:
     """open_clip text tower (default ViT-B-32 with OpenAI weights).
 
     mode "tokens" follows the official PoDD code: the final-layer-normed hidden state of every
-    one of the 77 token positions, flattened (padding with the end-of-text token under a
-    key-padding mask, as Hugging Face's CLIPTextModel does). mode "pooled" is CLIP's usual
+    one of the 77 token positions, flattened (padded with the end-of-text token, causal mask
+    only, as its call of Hugging Face's CLIPTextModel). mode "pooled" is CLIP's usual
     projected text embedding. Class names are embedded as written, '_' read as a space, with no
     prompt template (as the official code).
     """
@@ -203,19 +203,18 @@ def _cached_pretrained_file(model_name: str, pretrained: str, cache_dir: str | N
 
 
 def _clip_token_states(model, tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """[B, L, D] final-layer-normed hidden states of every token position."""
-    batch, length = tokens.shape
+    """[B, L, D] final-layer-normed hidden states of every token position, as the official
+    PoDD code gets them from Hugging Face's CLIPTextModel: the sequence padded to its full
+    length with the end-of-text token (the CLIP tokenizer's pad token) and run with the causal
+    mask alone (the official call passes no attention mask), so padding positions attend to
+    the real tokens and the padding before them."""
+    length = tokens.shape[1]
     positions = torch.arange(length, device=tokens.device)
     eot_position = (tokens == eot_id).int().argmax(dim=1, keepdim=True)
-    padding = positions[None, :] > eot_position  # after the end-of-text token
-    tokens = tokens.masked_fill(padding, eot_id)  # HF pads with the end-of-text token
+    tokens = tokens.masked_fill(positions[None, :] > eot_position, eot_id)
     causal = torch.full((length, length), float("-inf"), device=tokens.device).triu(1)
-    mask = causal[None].expand(batch, -1, -1).masked_fill(padding[:, None, :], float("-inf"))
-    mask = mask.masked_fill(torch.eye(length, dtype=torch.bool, device=tokens.device)[None],
-                            0.0)  # a padding query still attends to itself: no empty rows
-    heads = model.transformer.resblocks[0].attn.num_heads
     x = model.token_embedding(tokens) + model.positional_embedding
-    x = model.transformer(x, attn_mask=mask.repeat_interleave(heads, dim=0))
+    x = model.transformer(x, attn_mask=causal)
     return model.ln_final(x)
 
 

@@ -118,6 +118,69 @@ def test_clip_embedder_loads_local_weights(tiny_clip, mode, dim):
         assert not torch.allclose(ours[eot + 1:], plain[eot + 1:])  # HF-style padding differs
 
 
+def _hf_clip_text_model_in_open_clip(model):
+    """A Hugging Face CLIPTextModel with random weights, copied into the open_clip model
+    `model` (same sizes): the reference the official PoDD code embeds class names with."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    width = model.token_embedding.weight.shape[1]
+    hf = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=len(model.transformer.resblocks), num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu")).eval()
+    for p in hf.parameters():  # random, not the near-zero init, so every path matters
+        torch.nn.init.normal_(p, std=0.2)
+    t = getattr(hf, "text_model", hf)  # transformers 5 dropped the wrapper
+    with torch.no_grad():
+        model.token_embedding.weight.copy_(t.embeddings.token_embedding.weight)
+        model.positional_embedding.copy_(t.embeddings.position_embedding.weight)
+        for block, layer in zip(model.transformer.resblocks, t.encoder.layers):
+            a = layer.self_attn
+            block.attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight,
+                                                       a.v_proj.weight]))
+            block.attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias,
+                                                     a.v_proj.bias]))
+            block.attn.out_proj.weight.copy_(a.out_proj.weight)
+            block.attn.out_proj.bias.copy_(a.out_proj.bias)
+            for ours, theirs in ((block.ln_1, layer.layer_norm1), (block.ln_2, layer.layer_norm2),
+                                 (block.mlp.c_fc, layer.mlp.fc1),
+                                 (block.mlp.c_proj, layer.mlp.fc2)):
+                ours.weight.copy_(theirs.weight)
+                ours.bias.copy_(theirs.bias)
+        model.ln_final.weight.copy_(t.final_layer_norm.weight)
+        model.ln_final.bias.copy_(t.final_layer_norm.bias)
+    return hf
+
+
+def test_clip_token_states_match_the_official_hugging_face_call(tiny_clip, tmp_path):
+    """The official code: CLIPTokenizer(padding='max_length') pads with the end-of-text token,
+    and CLIPTextModel(input_ids) runs without an attention mask; the whole 77 x D
+    last_hidden_state, flattened, is the class embedding."""
+    import open_clip
+
+    model, _ = tiny_clip
+    model = open_clip.create_model("podd-tiny-clip")
+    hf = _hf_clip_text_model_in_open_clip(model)
+    torch.save(model.state_dict(), tmp_path / "hf.pt")
+    names = ["aquarium fish", "maple tree", "cat"]
+    ours = ClipTextEmbedder("podd-tiny-clip", pretrained="none", weights=tmp_path / "hf.pt",
+                            mode="tokens").embed(names)
+    tokens = open_clip.get_tokenizer("podd-tiny-clip")(names)
+    eot = 49407
+    padded = tokens.clone()
+    for row in padded:  # what CLIPTokenizer(padding="max_length") gives
+        end = int((row == eot).nonzero()[0])
+        row[end + 1:] = eot
+    with torch.no_grad():
+        reference = hf(input_ids=padded).last_hidden_state.flatten(1)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    # a key-padding mask (the earlier deviation) gives other states after end-of-text
+    with torch.no_grad():
+        masked = hf(input_ids=padded, attention_mask=(tokens != 0).long()).last_hidden_state
+    assert not torch.allclose(ours.view(3, 77, -1)[0, -1], masked[0, -1], atol=1e-3)
+
+
 def test_missing_clip_weights_say_how_to_provide_them(tmp_path):
     embedder = ClipTextEmbedder(weights=tmp_path / "missing.safetensors")
     with pytest.raises(ClipWeightsError, match=r"--clip-weights PATH .* or choose --order"):

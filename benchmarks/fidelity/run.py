@@ -1,0 +1,159 @@
+"""The fidelity study (docs/fidelity.md): does the engine reproduce the paper's claims, and at
+which scale? Its sweeps live in sweeps/fidelity/; every run is recorded in MLflow and read back
+through the report, so the study resumes across days and its figures trace to run ids.
+
+    python benchmarks/fidelity/run.py launch c1     # run (or resume) the study's C1 sweeps
+    python benchmarks/fidelity/run.py summary       # tables + JSON + plot from the store
+
+C1 (overlap helps): at 1 IPC, PoDD's overlapping patches against the no-overlap RaT-BPTT
+baseline, per schedule (inner horizon T, window, network width): the gap with its 95 %
+interval over seeds, at the final evaluation and at each evaluation checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEPS = ROOT / "sweeps" / "fidelity"
+STUDY = {  # claim -> its sweeps, in the order they run
+    "c1": ["c1-horizon-width.yaml"],
+}
+STORE = "sqlite:///runs/fidelity/mlflow.db"
+
+
+def launch(claim: str) -> int:
+    """Each sweep of the claim in turn through `podd-sweep launch` (a finished sweep is not
+    rerun; an interrupted one resumes from its checkpoints)."""
+    (ROOT / "runs" / "fidelity").mkdir(parents=True, exist_ok=True)
+    cli = str(Path(sys.executable).with_name("podd-sweep"))
+    for name in STUDY[claim]:
+        print(f"== {name}", flush=True)
+        done = subprocess.run([cli, "launch", str(SWEEPS / name), "--quiet"], cwd=ROOT)
+        if done.returncode not in (0,):
+            return done.returncode
+    return 0
+
+
+def c1_rows(tracking_uri: str) -> list[dict]:
+    """One row per schedule with PoDD (poster) and baseline runs at 1 IPC: the settings that
+    set it apart, both sides' accuracies and the gap, at the end and per evaluation step."""
+    from orchestrator.report import build_report
+    from orchestrator.runs import gather_runs
+    from orchestrator.store import run_records
+    from orchestrator.stats import welch_interval
+
+    gathered = gather_runs(tracking_uri, "podd-sweep")
+    records = {r.run_id: r for r in run_records(tracking_uri, "podd-sweep")}
+    rows = []
+    for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
+        report = build_report(gathered, family)
+        for schedule in report.schedules:
+            b = schedule.baseline
+            ones = [r for r in schedule.verdict.per_ipc if r.ipc == 1.0]
+            if b is None or not ones:
+                continue
+            (podd,) = ones
+            row = {"family": family, "schedule": schedule.label, **{
+                k: schedule.schedule.get(k) for k in ("total_inner_steps", "window", "width",
+                                                      "steps")},
+                "configuration": podd.configuration, "podd": podd.accuracy,
+                "podd_std": podd.accuracy_std, "podd_runs": podd.runs,
+                "baseline": b.accuracy, "baseline_std": b.std, "baseline_runs": b.runs,
+                "gap": podd.difference, "gap_low": podd.difference_low,
+                "gap_high": podd.difference_high, "podd_run_ids": podd.run_ids,
+                "baseline_run_ids": b.run_ids, "by_eval_step": {}}
+            steps = sorted({int(k.rsplit("_", 1)[1]) for i in podd.run_ids
+                            for k in records[i].metrics
+                            if k.startswith("test_accuracy_") and k[14:].isdigit()})
+            for step in steps:
+                def side(ids):
+                    values = [records[i].metrics[f"test_accuracy_{step}"] for i in ids]
+                    mean = sum(values) / len(values)
+                    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 \
+                        if len(values) > 1 else None
+                    return mean, std, len(values)
+
+                (pm, ps, pn), (bm, bs, bn) = side(podd.run_ids), side(b.run_ids)
+                interval = welch_interval(pm, ps, pn, bm, bs, bn)
+                row["by_eval_step"][str(step)] = {
+                    "podd": pm, "baseline": bm, "gap": pm - bm,
+                    "gap_low": interval.low if interval else None,
+                    "gap_high": interval.high if interval else None}
+            rows.append(row)
+    return rows
+
+
+def pct(value: float | None) -> str:
+    return "?" if value is None else f"{100 * value:.2f}"
+
+
+def print_c1(rows: list[dict]) -> None:
+    print("| T | window | width | PoDD 16x6 % (runs) | RaT-BPTT % (runs) | gap (points) | "
+          "95 % interval | gap by evaluation step (300 / 600 / 1000 / 2000) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (int(r["width"] or 0), int(r["total_inner_steps"] or 0))):
+        interval = ("unknown (1 seed)" if r["gap_low"] is None else
+                    f"[{100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f}]")
+        by_step = " / ".join(f"{100 * v['gap']:+.2f}" for _, v in
+                             sorted(r["by_eval_step"].items(), key=lambda kv: int(kv[0])))
+        print(f"| {r['total_inner_steps']} | {r['window']} | {r['width']} | {pct(r['podd'])} "
+              f"({r['podd_runs']}) | {pct(r['baseline'])} ({r['baseline_runs']}) | "
+              f"{100 * r['gap']:+.2f} | {interval} | {by_step} |")
+
+
+def plot_c1(rows: list[dict], path: Path) -> None:
+    """The gap (PoDD minus no overlap, points) against the inner horizon T, one line per
+    width, with the 95 % interval where there are seeds to tell it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for width in sorted({int(r["width"]) for r in rows}):
+        mine = sorted((r for r in rows if int(r["width"]) == width),
+                      key=lambda r: int(r["total_inner_steps"]))
+        xs = [int(r["total_inner_steps"]) for r in mine]
+        ax.plot(xs, [100 * r["gap"] for r in mine], marker="o", label=f"width {width}")
+        for x, r in zip(xs, mine):
+            if r["gap_low"] is not None:
+                ax.vlines(x, 100 * r["gap_low"], 100 * r["gap_high"], alpha=0.5)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("inner horizon T (window T/4)")
+    ax.set_ylabel("PoDD 16x6 minus no overlap (points)")
+    ax.set_title("C1 at 1 IPC on CIFAR-10 (cpu-small otherwise)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("launch", help="run (or resume) a claim's sweeps")
+    run.add_argument("claim", choices=sorted(STUDY))
+    summary = sub.add_parser("summary", help="tables, JSON and plot from the store")
+    summary.add_argument("--tracking-uri", default=STORE)
+    summary.add_argument("--json", type=Path, default=ROOT / "docs/results/fidelity/c1.json")
+    summary.add_argument("--plot", type=Path, default=ROOT / "docs/images/fidelity-c1.png")
+    args = parser.parse_args()
+    if args.command == "launch":
+        return launch(args.claim)
+    rows = c1_rows(args.tracking_uri)
+    print_c1(rows)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"claim": "c1", "rows": rows}, indent=1) + "\n")
+    if rows:
+        plot_c1(rows, args.plot)
+    print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
