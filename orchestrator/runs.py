@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from orchestrator.store import DATASET_TAG, KEY_TAG, SWEEP_TAG, RunRecord, run_records
-from podd_engine.config import PLACEMENT, TrialConfig
+from podd_engine.config import LATE_SETTINGS, PLACEMENT, TrialConfig
 from podd_engine.methods import CONFIGURATION_AXES, get_method
 
 BYTES_PER_VALUE = 4  # posters and learned labels are stored as float32
@@ -85,8 +85,10 @@ def run_settings(params: dict[str, str]) -> dict[str, str]:
         ignored = set(get_method(method).ignores)
     except ValueError:  # a method this version does not know: compare everything it recorded
         ignored = set()
-    return {name: canonical_value(params[name]) for name in SETTINGS
-            if name in params and name not in ignored}
+    recorded = {**{k: v if isinstance(v, str) else json.dumps(v)
+                   for k, v in LATE_SETTINGS.items()}, **params}  # a run older than a setting
+    return {name: canonical_value(recorded[name]) for name in SETTINGS
+            if name in recorded and name not in ignored}
 
 
 def schedule_of(settings: dict[str, str]) -> dict[str, str]:

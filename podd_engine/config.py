@@ -31,6 +31,7 @@ AUGMENTATIONS = ("flip_rotate", "none")
 NORMS = ("instancenorm", "batchnorm", "none")
 UNROLL_MODES = ("recompute", "store")
 PRECISIONS = ("fp32", "bf16")
+CURRICULUM_DRAWS = ("step", "epoch")
 
 
 class GeometryError(ValueError):
@@ -89,6 +90,9 @@ class TrialConfig:
     unroll: str = "recompute"  # recompute (memory independent of window) | store
     precision: str = "fp32"  # fp32 | bf16 (autocast; faster on AMX CPUs and tensor-core GPUs)
     cuda_graphs: bool = True  # on CUDA (fp32): replay inner steps from captured CUDA graphs
+    # the curriculum start c is drawn every outer step | once per epoch over the real data (the
+    # official code; with a small real batch an epoch is many outer steps)
+    curriculum: str = "step"
     # evaluation protocol
     eval_models: int = 8
     eval_steps: list[int] = field(default_factory=lambda: [300, 600, 1000, 2000])
@@ -136,8 +140,12 @@ class TrialConfig:
         return {k: v for k, v in self.canonical().to_dict().items() if k not in PLACEMENT}
 
     def key(self) -> str:
-        """A stable hash of the settings that change the result."""
-        return hashlib.sha256(json.dumps(self.science(), sort_keys=True).encode()).hexdigest()[:12]
+        """A stable hash of the settings that change the result. A setting added after keys
+        were first recorded (`LATE_SETTINGS`) is hashed only when it is not at its default, so
+        every earlier trial keeps its key (and a recorded sweep can still resume)."""
+        science = {k: v for k, v in self.science().items()
+                   if not (k in LATE_SETTINGS and v == LATE_SETTINGS[k])}
+        return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
 
     def validate(self) -> None:
         """Errors that do not need the data set; each names the field and the fix."""
@@ -146,7 +154,8 @@ class TrialConfig:
                    "order": ORDERINGS, "init": POSTER_INITS,
                    "preprocessing": PREPROCESSING_KINDS, "clip_mode": CLIP_MODES,
                    "embedder": EMBEDDERS, "unroll": UNROLL_MODES, "precision": PRECISIONS,
-                   "augmentation": AUGMENTATIONS, "norm": NORMS}
+                   "augmentation": AUGMENTATIONS, "norm": NORMS,
+                   "curriculum": CURRICULUM_DRAWS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
@@ -193,6 +202,12 @@ class TrialConfig:
 # what it computes: they are not part of the trial key, and runs that differ only in them
 # are the same experiment.
 PLACEMENT = ("device", "data_root", "cache_dir", "real_chunk", "cuda_graphs", "family")
+
+
+# Settings added after trial keys were first recorded, with the default that reproduces what
+# trials did before them: omitted from the key at that default, and taken as that default by
+# the report for runs recorded before the setting existed.
+LATE_SETTINGS = {"curriculum": "step"}
 
 
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string",

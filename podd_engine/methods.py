@@ -33,7 +33,7 @@ _ORDERING_SETTINGS = ("order", "order_grid", "embedder", "clip_model", "clip_pre
 # What only the distillation uses; an undistilled control ignores it.
 _DISTILLATION_SETTINGS = ("steps", "total_inner_steps", "window", "real_batch", "real_chunk",
                           "lr", "label_lr_scale", "clip_coef", "unroll", "precision",
-                          "cuda_graphs", "init", "eval_every")
+                          "cuda_graphs", "init", "eval_every", "curriculum")
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,7 @@ def distill(
                                  augmentation=c.augmentation)
         outer = OuterSettings(c.lr, c.label_lr_scale, c.clip_coef, real_batch=c.real_batch,
                               real_chunk=c.real_chunk, unroll=c.unroll, precision=c.precision,
-                              cuda_graphs=c.cuda_graphs)
+                              cuda_graphs=c.cuda_graphs, curriculum=c.curriculum)
         distiller = Distiller(trial.make_model(), SyntheticSet(trial.geometry, trial.labels),
                               trial.poster, trial.train_images,
                               trial.dataset.train_labels.to(trial.device), schedule, outer,

@@ -410,6 +410,9 @@ class OuterSettings:
     unroll: str = "recompute"
     precision: str = "fp32"
     cuda_graphs: bool = True  # replay inner steps from CUDA graphs (CUDA, fp32 only)
+    # when the curriculum start is drawn: every outer step, or once per epoch over the real
+    # data and shared by its outer steps (the official code)
+    curriculum: str = "step"
 
 
 def clip_to_ema(grad: torch.Tensor, ema: float | None, coef: float = 0.9,
@@ -452,6 +455,7 @@ class Distiller:
     _order: torch.Tensor | None = field(default=None, init=False)
     _cursor: int = field(default=0, init=False)
     _graphs: StepGraphs | None = field(default=None, init=False)
+    _epoch_curriculum: int | None = field(default=None, init=False)  # curriculum "epoch"
 
     def __post_init__(self) -> None:
         self.poster = self.poster.detach().requires_grad_(True)
@@ -482,6 +486,10 @@ class Distiller:
         if self._order is None or self._cursor + size > n:
             self._order = torch.randperm(n, generator=self.generator)
             self._cursor = 0
+            if self.outer.curriculum == "epoch":  # one start for the whole epoch
+                high = self.schedule.total_steps - self.schedule.window
+                self._epoch_curriculum = int(torch.randint(0, high + 1, (1,),
+                                                           generator=self.generator))
         idx = self._order[self._cursor:self._cursor + size].to(self.real_images.device)
         self._cursor += size
         return self.real_images[idx], self.real_labels[idx]
@@ -491,7 +499,8 @@ class Distiller:
         images, labels = self._real_batch()
         reinitialize(self.model, self.generator)  # a fresh network every outer step
         plan = draw_plan(self.synthetic.geometry.num_patches, len(images), self.schedule,
-                         self.generator, self.poster.device)
+                         self.generator, self.poster.device,
+                         curriculum_start=self._epoch_curriculum)
         result = meta_gradient(self.model, AdamState.fresh(self.model), self.synthetic,
                                self.poster.detach(), self.synthetic.labels.array.detach(),
                                images, labels, self.schedule, plan, unroll=self.outer.unroll,
@@ -530,7 +539,7 @@ class Distiller:
                 "grad_norm_ema": self.grad_norm_ema,
                 "generator": self.generator.get_state(),
                 "order": None if self._order is None else self._order.cpu(),
-                "cursor": self._cursor}
+                "cursor": self._cursor, "epoch_curriculum": self._epoch_curriculum}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -542,3 +551,4 @@ class Distiller:
         self.generator.set_state(state["generator"])
         self._order = state["order"]
         self._cursor = int(state["cursor"])
+        self._epoch_curriculum = state.get("epoch_curriculum")  # older checkpoints: per step

@@ -168,13 +168,42 @@ def test_adam_update_matches_torch_optim_and_survives_zero_gradients():
     assert dx[0] == 0 and (dx[1:] != 0).all()
 
 
-def make_distiller(digits, seed, mode="learned"):
+def make_distiller(digits, seed, mode="learned", **outer):
     geometry, order, labels, model, poster, real_x, real_y, _ = tiny_problem(
         digits, mode, dtype=torch.float32, seed=0)
     return Distiller(model, SyntheticSet(geometry, labels), poster, real_x, real_y,
                      InnerSchedule(total_steps=4, window=2, batch_size=6),
-                     OuterSettings(lr=0.01, real_batch=16, real_chunk=8),
+                     OuterSettings(**{"lr": 0.01, "real_batch": 16, "real_chunk": 8, **outer}),
                      torch.Generator().manual_seed(seed))
+
+
+def test_curriculum_start_per_epoch_is_shared_by_the_epochs_steps(digits):
+    per_epoch = make_distiller(digits, 3, curriculum="epoch", real_batch=10, real_chunk=10)
+    steps_per_epoch = len(per_epoch.real_images) // 10
+    starts = []
+    per_epoch.run(3 * steps_per_epoch, on_step=lambda m: starts.append(m.curriculum_start))
+    epochs = [set(starts[i:i + steps_per_epoch]) for i in range(0, len(starts), steps_per_epoch)]
+    assert all(len(e) == 1 for e in epochs)  # one start per epoch (the official code)
+    per_step = make_distiller(digits, 3, real_batch=10, real_chunk=10)
+    drawn = []
+    per_step.run(steps_per_epoch, on_step=lambda m: drawn.append(m.curriculum_start))
+    assert len(set(drawn)) > 1  # the default: a fresh start every outer step
+    # a checkpoint mid-epoch resumes with the epoch's start
+    a = make_distiller(digits, 3, curriculum="epoch", real_batch=10, real_chunk=10)
+    a.run(steps_per_epoch // 2)
+    b = make_distiller(digits, 4, curriculum="epoch", real_batch=10, real_chunk=10)
+    b.load_state_dict(a.state_dict())
+    resumed = []
+    b.run(steps_per_epoch, on_step=lambda m: resumed.append(m.curriculum_start))
+    assert resumed == starts[steps_per_epoch // 2:steps_per_epoch]
+
+
+def test_adding_a_late_setting_keeps_every_earlier_key():
+    from podd_engine.config import TrialConfig
+
+    # the keys of trials recorded before `curriculum` existed (sweeps in users' stores)
+    assert TrialConfig().key() == "32354577e3de"
+    assert TrialConfig(curriculum="epoch").key() != TrialConfig().key()
 
 
 def test_distiller_is_seeded_and_resumes_exactly(digits):
@@ -188,9 +217,10 @@ def test_distiller_is_seeded_and_resumes_exactly(digits):
     assert torch.equal(a.poster, c.poster)
     assert torch.equal(a.synthetic.labels.array, c.synthetic.labels.array)
     assert (a.synthetic.labels.array >= 0).all()
-    d = make_distiller(digits, 2)
+    d, e = make_distiller(digits, 2), make_distiller(digits, 1)
     d.run(1)
-    assert not torch.equal(d.poster, make_distiller(digits, 1).poster)
+    e.run(1)
+    assert not torch.equal(d.poster, e.poster)  # another seed, another step
 
 
 def test_poster_gradient_is_clipped_to_twice_its_norm_ema():
