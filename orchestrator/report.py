@@ -112,10 +112,18 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
     out = {}
     for key in keys:
         values = sorted({display_value(s[key]) if key in s else UNRECORDED for s in settings},
-                        key=str)
+                        key=_numbers_first)
         if len(values) > 1:
             out[key] = values
     return out
+
+
+def _numbers_first(value: str) -> tuple:
+    """Sort key: numbers by value (5 before 10), then text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def describe_differences(differing: dict[str, list[str]]) -> str:
@@ -360,8 +368,15 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
     extra_axes = _extra_configuration_axes(groups)
     judged_roles = (POSTER, BASELINE)
     schedule_texts = sorted({g["schedule"] for g in groups if role_of(g["method"]) in judged_roles})
+    differing = differing_settings([json.loads(t) for t in schedule_texts])
+
+    def in_order(text: str) -> tuple:  # by the settings that differ, numbers by value
+        schedule = json.loads(text)
+        return tuple(_numbers_first(display_value(schedule[k]) if k in schedule else UNRECORDED)
+                     for k in differing)
+
+    schedule_texts.sort(key=in_order)
     schedules = [json.loads(t) for t in schedule_texts]
-    differing = differing_settings(schedules)
     reports = []
     for text, schedule in zip(schedule_texts, schedules):
         label = ", ".join(f"{k}={display_value(schedule[k]) if k in schedule else UNRECORDED}"
