@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
-    "c1": ["c1-horizon-width.yaml"],
+    "c1": ["c1-horizon-width.yaml", "c1-pass2.yaml"],
 }
 STORE = "sqlite:///runs/fidelity/mlflow.db"
 
