@@ -26,8 +26,8 @@ from common import (add_step_arguments, malloc_env, paper_trial, peak_gpu_gib, p
 
 from podd_engine.cuda_graphs import StepGraphs, cuda_graphs_supported
 from podd_engine.models import reinitialize
-from podd_engine.rat_bptt import (AdamState, InnerBatch, InnerSchedule, SyntheticSet, draw_plan,
-                                  meta_gradient)
+from podd_engine.inner import AdamState, InnerBatch, InnerSchedule, SyntheticSet
+from podd_engine.rat_bptt import draw_plan, meta_gradient
 from podd_engine.preprocess import AugmentationDraw, draw_augmentation
 
 

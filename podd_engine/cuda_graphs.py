@@ -14,66 +14,27 @@ Two kinds of step are captured, each once per augmentation operation (flip, rota
 Graphs read and write fixed ("static") tensors: before a replay the step's inputs (patch
 indices, augmentation values, the Adam step's bias corrections) are copied into them. The
 bias corrections change every step, so the graphed Adam takes them as device tensors; it
-computes the same update as `rat_bptt.adam_update`, up to float32 rounding (tests compare
+computes the same update as `inner.adam_update`, up to float32 rounding (tests compare
 the meta-gradient with and without graphs).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from podd_engine.inner import (AdamState, InnerBatch, adam_scalars, adam_update_differentiable,
+                               adam_update_static_, inner_loss)
 from podd_engine.preprocess import AugmentationDraw
-
-Params = dict[str, torch.Tensor]
 
 
 def cuda_graphs_supported(device: torch.device, precision: str) -> bool:
     """Graphs are used for fp32 steps on CUDA devices. (bf16 autocast caches weight casts,
     which a captured graph would freeze.)"""
     return device.type == "cuda" and precision == "fp32"
-
-
-def adam_scalars(step: int, lr: float, betas: tuple[float, float]) -> tuple[float, float]:
-    """The step-dependent scalars of Adam's update at `step` (1-based): the signed step size
-    -lr / (1 - b1^t) and sqrt(1 - b2^t); the eager and the graphed Adam updates share them."""
-    b1, b2 = betas
-    return -lr / (1 - b1 ** step), math.sqrt(1 - b2 ** step)
-
-
-@torch.no_grad()
-def adam_update_static_(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-                        grads: list[torch.Tensor], step_size: torch.Tensor,
-                        bias2_sqrt: torch.Tensor, betas: tuple[float, float], eps: float) -> None:
-    """Adam's update in place with the step-dependent scalars as device tensors (capturable)."""
-    b1, b2 = betas
-    torch._foreach_lerp_(m, grads, 1 - b1)
-    torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bias2_sqrt)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(m, denom)
-    torch._foreach_mul_(update, step_size)
-    torch._foreach_add_(params, update)
-
-
-def adam_update_differentiable(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                               grad: torch.Tensor, step_size: torch.Tensor,
-                               bias2_sqrt: torch.Tensor, betas: tuple[float, float], eps: float
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same update out of place and differentiable (for the reverse sweep)."""
-    from podd_engine.rat_bptt import _safe_sqrt
-
-    b1, b2 = betas
-    m_new = torch.lerp(m, grad, 1 - b1)
-    v_new = torch.addcmul(v * b2, grad, grad, value=1 - b2)
-    denom = _safe_sqrt(v_new) / bias2_sqrt + eps
-    return p + step_size * (m_new / denom), m_new, v_new
 
 
 @dataclass
@@ -92,8 +53,6 @@ class StepGraphs:
 
     def __init__(self, model: nn.Module, synthetic, schedule, learn_labels: bool,
                  poster: torch.Tensor, label_array: torch.Tensor) -> None:
-        from podd_engine.rat_bptt import AdamState
-
         self.model, self.synthetic, self.schedule = model, synthetic, schedule
         self.learn_labels = learn_labels
         device = poster.device
@@ -145,15 +104,11 @@ class StepGraphs:
         return op
 
     def _batch(self, op: str, poster: torch.Tensor, labels: torch.Tensor):
-        from podd_engine.rat_bptt import InnerBatch
-
         draw = AugmentationDraw(op, self.augmentation[op])
         return self.synthetic.batch(poster, labels, InnerBatch(self.indices, draw))
 
     # ---- plain step ---------------------------------------------------------------------------
     def _plain_body(self, op: str) -> Callable[[], list]:
-        from podd_engine.rat_bptt import inner_loss
-
         def body() -> list:
             with torch.no_grad():
                 images, targets = self._batch(op, self.poster, self.labels)
@@ -176,8 +131,6 @@ class StepGraphs:
 
     # ---- reverse step -------------------------------------------------------------------------
     def _reverse_body(self, op: str) -> Callable[[], list]:
-        from podd_engine.rat_bptt import inner_loss
-
         keys = list(self.leaf.params)
         wrt = [self.poster] + ([self.labels] if self.learn_labels else [])
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from podd_engine.rat_bptt import soft_cross_entropy
+from podd_engine.inner import soft_cross_entropy
 from podd_engine.models import reinitialize
 from podd_engine.preprocess import apply_augmentation, draw_augmentation
 

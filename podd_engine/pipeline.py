@@ -32,7 +32,8 @@ from podd_engine.poster import (PosterGeometry, compose_poster, extract_patches,
                                 parse_grid)
 from podd_engine.artifact import PosterArtifact, save_artifact
 from podd_engine.preprocess import Preprocessing, fit_preprocessing, preprocessing_key
-from podd_engine.rat_bptt import Distiller, InnerSchedule, OuterSettings, StepMetrics, SyntheticSet
+from podd_engine.inner import InnerSchedule, SyntheticSet
+from podd_engine.rat_bptt import Distiller, OuterSettings, StepMetrics
 
 
 def resolve_device(device: str) -> torch.device:

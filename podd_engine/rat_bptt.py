@@ -9,7 +9,8 @@ Every outer step:
   5. its gradient flows back through the dT steps to the poster (and learned labels); the poster
      gradient is clipped to 2x an EMA (0.9) of its norm; an outer Adam step; labels clipped >= 0.
 
-The inner loop is functional (`torch.func.functional_call` with a parameter dict), not `higher`.
+The inner loop is functional (`torch.func.functional_call` with a parameter dict, the pieces in
+`podd_engine/inner.py`), not `higher`.
 Backpropagation through the dT steps has two equivalent implementations (tests check they give
 the same gradient as a plain full-autograd reference):
   - "store": the classic way: the graph of all dT steps is kept, one backward at the end;
@@ -23,7 +24,6 @@ The real batch is processed in chunks (first-order only), so its size is not bou
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -34,171 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from podd_engine.config import PRECISIONS, UNROLL_MODES
-from podd_engine.cuda_graphs import StepGraphs, adam_scalars, cuda_graphs_supported
-from podd_engine.labels import PosterLabels
+from podd_engine.config import UNROLL_MODES
+from podd_engine.cuda_graphs import StepGraphs, cuda_graphs_supported
+from podd_engine.inner import (AdamState, InnerBatch, InnerSchedule, Params, SyntheticSet,
+                               autocast_for, inner_step, upcast)
 from podd_engine.models import reinitialize
-from podd_engine.poster import PosterGeometry, extract_patches
 from podd_engine.preprocess import AugmentationDraw, apply_augmentation, draw_augmentation
-
-Params = dict[str, torch.Tensor]
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the poster became NaN/inf; the trial should stop rather than burn budget."""
-
-
-@dataclass(frozen=True)
-class InnerSchedule:
-    """Inner-loop settings of RaT-BPTT (and of the evaluation's training)."""
-
-    total_steps: int = 200  # T: curriculum start + unrolled window never exceed it
-    window: int = 60  # dT: differentiable (unrolled) steps
-    batch_size: int = 96  # poster patches per inner step
-    lr: float = 1e-3  # inner Adam
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    augmentation: str = "flip_rotate"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.window <= self.total_steps:
-            raise ValueError(f"window must be between 1 and total_steps ({self.total_steps}), "
-                             f"got {self.window}")
-
-
-# --------------------------------------------------------------------------------------------
-# One inner step, functional
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class AdamState:
-    params: Params
-    m: Params
-    v: Params
-    step: int = 0
-
-    @classmethod
-    def fresh(cls, model: nn.Module) -> "AdamState":
-        params = {k: p.detach().clone() for k, p in model.named_parameters()}
-        return cls(params, {k: torch.zeros_like(p) for k, p in params.items()},
-                   {k: torch.zeros_like(p) for k, p in params.items()})
-
-    def clone(self) -> "AdamState":
-        """A copy that shares nothing with this state, not even an autograd history."""
-        return AdamState(*({k: t.detach().clone() for k, t in d.items()}
-                           for d in (self.params, self.m, self.v)), self.step)
-
-
-@dataclass(frozen=True)
-class InnerBatch:
-    """The random choices of one inner step (kept so the step can be replayed exactly)."""
-
-    indices: torch.Tensor  # patch indices
-    augmentation: AugmentationDraw
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy against label distributions."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt with a zero (not NaN) derivative at 0: a parameter whose gradient is exactly zero
-    (a dead ReLU unit) must not turn the meta-gradient into NaN."""
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
-                       torch.zeros_like(x))
-
-
-def adam_update(state: AdamState, grads: Params, lr: float, betas: tuple[float, float],
-                eps: float) -> AdamState:
-    """torch.optim.Adam's update (no weight decay, no amsgrad), out of place and differentiable.
-    It uses the same operations as `adam_update_`, so a replayed step matches bit for bit."""
-    b1, b2 = betas
-    step = state.step + 1
-    step_size, bias2_sqrt = adam_scalars(step, lr, betas)
-    params, m, v = {}, {}, {}
-    for k, p in state.params.items():
-        m[k] = torch.lerp(state.m[k], grads[k], 1 - b1)
-        v[k] = torch.addcmul(state.v[k] * b2, grads[k], grads[k], value=1 - b2)
-        denom = _safe_sqrt(v[k]) / bias2_sqrt + eps
-        params[k] = torch.addcdiv(p, m[k], denom, value=step_size)
-    return AdamState(params, m, v, step)
-
-
-@torch.no_grad()
-def adam_update_(state: AdamState, grads: Params, lr: float, betas: tuple[float, float],
-                 eps: float) -> None:
-    """The same update in place, for steps that need no graph (fused foreach kernels)."""
-    b1, b2 = betas
-    state.step += 1
-    step_size, bias2_sqrt = adam_scalars(state.step, lr, betas)
-    keys = list(state.params)
-    params = [state.params[k] for k in keys]
-    m, v, g = [state.m[k] for k in keys], [state.v[k] for k in keys], [grads[k] for k in keys]
-    torch._foreach_lerp_(m, g, 1 - b1)
-    torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, g, g, value=1 - b2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bias2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, value=step_size)
-
-
-@dataclass
-class SyntheticSet:
-    """What the inner loop trains on: poster patches and their labels."""
-
-    geometry: PosterGeometry
-    labels: PosterLabels
-
-    def batch(self, poster: torch.Tensor, label_array: torch.Tensor, inner: InnerBatch
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = extract_patches(poster, self.geometry, inner.indices)
-        return (apply_augmentation(patches, inner.augmentation),
-                self.labels.patch_labels(inner.indices, label_array))
-
-
-def inner_loss(model: nn.Module, params: Params, images: torch.Tensor, targets: torch.Tensor,
-               precision: str) -> torch.Tensor:
-    with _autocast(images.device, precision):
-        logits = functional_call(model, params, (images,))
-    return soft_cross_entropy(_upcast(logits, targets.dtype), targets)
-
-
-def inner_step(model: nn.Module, state: AdamState, synthetic: SyntheticSet, poster: torch.Tensor,
-               label_array: torch.Tensor, inner: InnerBatch, schedule: InnerSchedule,
-               precision: str = "fp32", differentiable: bool = True) -> AdamState:
-    """One inner Adam step. Differentiable: the new state is a function of the old state, the
-    poster and the label array. Otherwise: an in-place update with no graph."""
-    if not differentiable:
-        with torch.no_grad():
-            images, targets = synthetic.batch(poster, label_array, inner)
-        params = {k: p.requires_grad_(True) for k, p in state.params.items()}
-        loss = inner_loss(model, params, images, targets, precision)
-        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-        for p in params.values():
-            p.requires_grad_(False)
-        adam_update_(state, grads, schedule.lr, schedule.betas, schedule.eps)
-        return state
-    images, targets = synthetic.batch(poster, label_array, inner)
-    loss = inner_loss(model, state.params, images, targets, precision)
-    grads = torch.autograd.grad(loss, list(state.params.values()), create_graph=True)
-    return adam_update(state, dict(zip(state.params, grads)), schedule.lr, schedule.betas,
-                       schedule.eps)
-
-
-def _upcast(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Losses are computed in the data's precision (bf16 autocast logits come back to fp32)."""
-    return logits if logits.dtype == dtype else logits.to(dtype)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,8 +71,8 @@ def real_loss_gradient(model: nn.Module, params: Params, images: torch.Tensor,
         part = AugmentationDraw(draw.op, draw.values[start:stop] if draw.values.numel() else
                                 draw.values)
         x = apply_augmentation(images[start:stop], part)
-        with _autocast(x.device, precision):
-            logits = _upcast(functional_call(model, leaf, (x,)), x.dtype)
+        with autocast_for(x.device, precision):
+            logits = upcast(functional_call(model, leaf, (x,)), x.dtype)
         loss = F.cross_entropy(logits, labels[start:stop], reduction="sum") / len(images)
         for k, g in zip(leaf, torch.autograd.grad(loss, list(leaf.values()))):
             total[k] += g

@@ -10,7 +10,8 @@ from podd_engine.artifact import load_artifact
 from podd_engine.data import create_dataset
 from podd_engine.pipeline import evaluate_artifact, save_result
 from podd_engine.cuda_graphs import StepGraphs
-from podd_engine.rat_bptt import AdamState, SyntheticSet, draw_plan, meta_gradient
+from podd_engine.inner import AdamState, SyntheticSet
+from podd_engine.rat_bptt import draw_plan, meta_gradient
 from test_pipeline import tiny
 from test_rat_bptt import SCHEDULE, reference_meta_gradient, tiny_problem
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from podd_engine.data import create_dataset
-from podd_engine.rat_bptt import (AdamState, Distiller, InnerSchedule, OuterSettings, SyntheticSet,
-                                 adam_update, draw_plan, meta_gradient)
+from podd_engine.inner import AdamState, InnerSchedule, SyntheticSet, adam_update
+from podd_engine.rat_bptt import Distiller, OuterSettings, draw_plan, meta_gradient
 from podd_engine.labels import create_labels
 from podd_engine.models import ConvNet, reinitialize
 from podd_engine.poster import PosterGeometry, init_poster
