@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+
+from podd_engine.errors import first_line
+from podd_engine.methods import get_method
 
 if TYPE_CHECKING:
     from podd_engine import data
@@ -51,9 +55,9 @@ def user_errors() -> Iterator[None]:
     """Turn errors the user can fix into one line on stderr and exit code 2."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as exc:  # DatasetError, SpecError, ReportError too
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    except (ValueError, FileNotFoundError) as exc:  # UserError (podd_engine.errors) and kin
+        err_console.print(f"[bold red]error:[/] {escape(first_line(exc))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
@@ -262,7 +266,7 @@ def distill_command(
         options = {k: v for k, v in options.items() if v is not None}
         config = make_config(preset, data_family=ds.family, **{**extra, **options})
         out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
-        total = config.steps if config.method != "random-real" else 0
+        total = get_method(config.method).final_step(config.steps)
         try:
             with step_progress(total, f"distil {config.method} {config.ipc:g} IPC") as advance:
                 result = distill(
@@ -354,14 +358,14 @@ def _embedder_problems(sweep) -> list[str]:
     for trial in sweep.trials:
         c = trial.config
         which = (c.embedder, c.clip_model, c.clip_pretrained, c.clip_weights, c.clip_mode)
-        if c.method != "podd" or c.order != "poco" or which in checked:
+        if not get_method(c.method).uses_order or c.order != "poco" or which in checked:
             continue
         checked.add(which)
         try:
             create_embedder(c).embed(["check"])
         except Exception as exc:  # the engine's message says how to provide the weights
             problems.append(f"{sweep.source}: class_order: poco with embedder {c.embedder}: "
-                            f"{str(exc).splitlines()[0]}")
+                            f"{first_line(exc)}")
     return problems
 
 
@@ -374,12 +378,11 @@ def _trial_table(sweep) -> Table:
         table.add_column(column, no_wrap=True,
                          justify="right" if column in ("#", "IPC", "achieved", "seed") else "left")
     for i, t in enumerate(sweep.trials):
-        c = t.config
-        podd = c.method == "podd"
+        c, method = t.config, get_method(t.config.method)
         table.add_row(str(i), c.method, short_dataset_name(c.dataset), f"{c.ipc:g}",
                       f"{t.achieved_ipc:.3f}", f"{t.poster_size[0]}x{t.poster_size[1]}",
-                      c.patch_grid if podd else "-", c.order if podd else "-",
-                      c.labels if c.method != "random-real" else "-", str(c.seed), t.key)
+                      c.patch_grid if method.uses_patch_grid else "-",
+                      c.order if method.uses_order else "-", c.labels, str(c.seed), t.key)
     return table
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ray import tune
 
 from orchestrator.spec import SpecError
-from orchestrator.tracking import EVENT, STOPPED
+from orchestrator.protocol import EVENT, STOPPED
 
 STOP_GRACE_ENV = "PODD_SWEEP_STOP_GRACE_S"  # how long a first Ctrl-C waits for checkpoints
 DEFAULT_STOP_GRACE_S = 120.0

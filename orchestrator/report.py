@@ -377,27 +377,38 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
 
     schedule_texts.sort(key=in_order)
     schedules = [json.loads(t) for t in schedule_texts]
+    # each poster method is its own answer (never a "configuration" of another): when the
+    # data set has several, each gets its verdict per schedule, against the same baselines
+    poster_methods = sorted({g["method"] for g in groups if role_of(g["method"]) == POSTER},
+                            key=lambda m: (m != "podd", m))
     reports = []
     for text, schedule in zip(schedule_texts, schedules):
         label = ", ".join(f"{k}={display_value(schedule[k]) if k in schedule else UNRECORDED}"
                           for k in differing)
-        name = f"{dataset} [{label}]" if label else dataset
         shown = [i for i, g in enumerate(groups)
                  if (g["schedule"] == text and role_of(g["method"]) in judged_roles)
                  or (role_of(g["method"]) == CONTROL and _matches_schedule(g, schedule))]
         mine = [groups[i] for i in shown]
-        podd = [g for g in mine if role_of(g["method"]) == POSTER]
         controls = [g for g in mine if role_of(g["method"]) == CONTROL]
         chosen = fixed or measured_baseline(mine)
-        if not podd:
-            verdict = decide([], chosen, criterion, name)
-        elif chosen is None:
-            verdict = no_baseline_verdict(name, label)
-        else:
-            verdict = decide(judge(podd, chosen, criterion, budget, controls, extra_axes),
-                             chosen, criterion, name)
-        reports.append(ScheduleReport(label, {k: display_value(v) for k, v in schedule.items()},
-                                      chosen, verdict, table.take(pa.array(shown, type=pa.int64()))))
+        present = [m for m in poster_methods if any(g["method"] == m for g in mine)] or [None]
+        for method in present:
+            tag = ", ".join(filter(None, [label, f"method={method}" if len(poster_methods) > 1
+                                          and method else ""]))
+            name = f"{dataset} [{tag}]" if tag else dataset
+            podd = [g for g in mine if g["method"] == method]
+            if not podd:
+                verdict = decide([], chosen, criterion, name)
+            elif chosen is None:
+                verdict = no_baseline_verdict(name, tag)
+            else:
+                verdict = decide(judge(podd, chosen, criterion, budget, controls, extra_axes),
+                                 chosen, criterion, name)
+            rows = [i for i in shown if role_of(groups[i]["method"]) != POSTER
+                    or groups[i]["method"] == method]
+            reports.append(ScheduleReport(tag, {k: display_value(v) for k, v in schedule.items()},
+                                          chosen, verdict,
+                                          table.take(pa.array(rows, type=pa.int64()))))
     left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE)
                 if (ids := gathered.left_out_ids(reason, dataset))}
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out)

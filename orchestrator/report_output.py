@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from orchestrator.report import DatasetReport, ScheduleReport, role_of
 from orchestrator.verdict import NONE_PASSES, PASS, interval_to, row_passes
-from orchestrator.store import ROLE_TAG, SWEEP_TAG, open_store, search_all
+from orchestrator.store import open_store, runs_filter, search_all
 from podd_engine.methods import CONTROL, POSTER
 
 # Columns groups_with_verdict adds to each configuration row, in order.
@@ -173,8 +173,7 @@ def log_plot_to_sweeps(tracking_uri: str | None, experiment: str, report: Datase
     sweeps = sorted(set(report.runs.column("sweep").to_pylist()))
     logged = []
     for sweep in sweeps:
-        for parent in search_all(client, experiment_id, f"tags.`{SWEEP_TAG}` = '{sweep}' and "
-                                                        f"tags.`{ROLE_TAG}` = 'sweep'"):
+        for parent in search_all(client, experiment_id, runs_filter("sweep", sweep)):
             client.log_artifact(parent.info.run_id, str(plot), "report")
             logged.append(parent.info.run_id)
     return logged

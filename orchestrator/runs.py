@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from orchestrator.store import DATASET_TAG, KEY_TAG, SWEEP_TAG, RunRecord, run_records
 from podd_engine.config import LATE_SETTINGS, PLACEMENT, TrialConfig
+from podd_engine.errors import UserError
 from podd_engine.methods import CONFIGURATION_AXES, get_method
 
 BYTES_PER_VALUE = 4  # posters and learned labels are stored as float32
@@ -37,7 +38,7 @@ RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Nothing to report on (no store, no runs, unknown data set): a message, exit code 2."""
 
 

@@ -33,12 +33,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
 from orchestrator.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, absolute_tracking_uri
-from podd_engine.config import (LABEL_MODES, METHODS, ORDERINGS, TrialConfig, make_config,
-                                parse_grid)
+from podd_engine.config import LABEL_MODES, ORDERINGS, TrialConfig, make_config, parse_grid
+from podd_engine.errors import UserError
+from podd_engine.methods import get_method, method_names
 
 if TYPE_CHECKING:
     from podd_engine.data import ImageDataset
@@ -49,7 +50,7 @@ AXES = {"dataset": "dataset", "method": "method", "ipc": "ipc", "patch_grid": "p
 DEFAULT_STORAGE = "runs/ray"
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A sweep spec that cannot run; the message starts with the field path."""
 
 
@@ -89,7 +90,17 @@ class Resources(BaseModel):
 
 Positive = Annotated[float, Field(gt=0)]
 GridText = Annotated[str, BeforeValidator(_grid_text)]
-Method = Literal[METHODS]
+def _known_method(value: str) -> str:
+    """A registered method (checked when the spec is read, so a method registered at run time
+    by a plug-in or a test is accepted too)."""
+    names = [repr(m) for m in method_names()]
+    if value not in method_names():
+        raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]} "
+                         f"(got {value!r})")
+    return value
+
+
+Method = Annotated[str, AfterValidator(_known_method)]
 Order = Literal[ORDERINGS]
 Labels = Literal[LABEL_MODES]
 
@@ -211,13 +222,11 @@ class PlannedTrial:
     @property
     def name(self) -> str:
         """A short readable trial name: method, data set, IPC, the podd axes, seed, key."""
-        c = self.config
+        c, method = self.config, get_method(self.config.method)
         parts = [c.method, short_dataset_name(c.dataset), f"ipc{c.ipc:g}"]
-        if c.method == "podd":
-            parts += [c.patch_grid, c.order, c.labels]
-        elif c.method == "rat-bptt":
-            parts.append(c.labels)
-        return "-".join(parts + [f"s{c.seed}", c.key()[:6]])
+        parts += [c.patch_grid] if method.uses_patch_grid else []
+        parts += [c.order] if method.uses_order else []
+        return "-".join(parts + [c.labels, f"s{c.seed}", c.key()[:6]])
 
 
 def short_dataset_name(spec: str) -> str:
@@ -324,24 +333,20 @@ def _combinations(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, str]]
     return out
 
 
-def _blame(message: str, origin: dict[str, str], chosen: dict[str, Any]) -> str:
-    """The spec path most likely responsible for an engine error message."""
-    lowered = message.lower()
-    mentioned = []  # (position in the message, axis): the first one named is the culprit
-    for axis, field_name in AXES.items():
-        for word in {axis, field_name}:
-            found = re.search(rf"\b{re.escape(word)}\b", lowered)
-            if found and axis in origin:
-                mentioned.append((found.start(), axis))
-    if "paper preset" in lowered:
-        return "preset"
-    if mentioned:
-        return origin[min(mentioned)[1]]
-    if "class_grid" in lowered:
-        return "class_grid"
-    for setting in ("window", "steps", "total_inner_steps", "eval_steps", "clip_coef"):
-        if setting in lowered:
-            return f"settings.{setting}"
+def _spec_path(error: Exception, origin: dict[str, str], chosen: dict[str, Any],
+               schedule: dict[str, Any], index: int | None, settings: dict[str, Any]) -> str:
+    """The spec path of the field an engine error names (`error.field`): a schedule's or the
+    settings' entry, the grid axis it came from, or a top-level key."""
+    name = getattr(error, "field", None)
+    if name in schedule:
+        return f"schedules[{index}].{name}"
+    if name in settings:
+        return f"settings.{name}"
+    axis = next((a for a, f in AXES.items() if f == name), None)
+    if axis in origin:
+        return origin[axis]
+    if name in ("class_grid", "order_grid", "preset", "family", "data_root", "cache_dir"):
+        return name
     return "trial " + ", ".join(f"{k}={v}" for k, v in chosen.items())
 
 
@@ -377,10 +382,7 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
             config = config.canonical()
             geometry = build_geometry(config, info) if info is not None else None
         except ValueError as exc:
-            setting = str(exc).split(" ", 1)[0]
-            where = (f"schedules[{index}].{setting}" if setting in schedule
-                     else f"settings.{setting}" if setting in spec.settings
-                     else _blame(str(exc), origin, chosen))
+            where = _spec_path(exc, origin, chosen, schedule, index, spec.settings)
             raise SpecError(f"{source}: {where}: {exc}") from None
         trial = PlannedTrial(config, origin,
                              round(geometry.achieved_ipc, 4) if geometry else 0.0,

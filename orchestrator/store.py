@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from podd_engine.errors import UserError, first_line
+
 SWEEP_TAG = "podd.sweep"        # on the parent run and every trial run of a sweep
 ROLE_TAG = "podd.role"          # sweep | trial
 KEY_TAG = "podd.trial_key"      # hash of the trial's engine config (TrialConfig.key)
@@ -122,8 +124,15 @@ def mlflow_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        first_line = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"MLflow could not read the store {uri}: {first_line}") from None
+        reason = first_line(str(exc.message) or type(exc).__name__)
+        raise UserError(f"MLflow could not read the store {uri}: {reason}") from None
+
+
+def runs_filter(role: str, sweep: str | None = None) -> str:
+    """MLflow's search filter for the runs of one role (`sweep` parents or `trial`s), of one
+    sweep or of all."""
+    query = f"tags.`{ROLE_TAG}` = '{role}'"
+    return query + (f" and tags.`{SWEEP_TAG}` = '{sweep}'" if sweep is not None else "")
 
 
 def search_all(client, experiment_id: str, filter_string: str) -> list:
@@ -171,9 +180,7 @@ def run_records(tracking_uri: str | None, experiment: str, *, role: str = "trial
         except sqlite3.DatabaseError:
             pass  # MLflow's tables, but columns this reader does not know: the client reads it
     client, experiment_id = open_store(tracking_uri, experiment)
-    query = f"tags.`{ROLE_TAG}` = '{role}'"
-    if sweep is not None:
-        query += f" and tags.`{SWEEP_TAG}` = '{sweep}'"
+    query = runs_filter(role, sweep)
     records = []
     with mlflow_errors(uri):
         for run in search_all(client, experiment_id, query):

@@ -23,23 +23,12 @@ from typing import Any
 
 from ray import tune
 
+from orchestrator.protocol import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, DIVERGED, ERROR,
+                                   EVENT, INFO, POSTER_PNG, STEP, error_line, metrics_of)
 from orchestrator.spec import PlannedTrial
 from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
-                                SWEEP_TAG, TERMINAL, search_all)
+                                SWEEP_TAG, TERMINAL, runs_filter, search_all)
 
-
-# What a trial reports (orchestrator.tune) and how it is recorded.
-STEP_METRICS = ("loss", "real_accuracy", "grad_norm", "seconds_per_step",
-                "trial_seconds",     # the engine's own time for the whole trial (final report)
-                "started_at_step")   # the step a trial (re)started from: 0, or its checkpoint
-EVENT = "podd_event"  # attempt | setup | step | checkpoint | eval | final | diverged | stopped
-ATTEMPT = "attempt"   # the first report of every attempt at a trial: where it runs
-STOPPED = "stopped"   # a trial's answer to a stop request (Ctrl-C): its last checkpoint
-INFO = "podd_info"    # trial facts known once the trial is built (logged as params)
-# in a setup report: checkpoints the trial skipped as damaged, one "FOLDER: REASON" per line
-DAMAGED_CHECKPOINTS = "podd_damaged_checkpoints"
-POSTER_PNG = "poster.png"
-ARTIFACT_DIR = "artifact"
 
 # Tags a trial run gets at every (re)start: params are write-once, and a retried trial can run
 # on another node than its first attempt (the `node_id` param).
@@ -103,12 +92,10 @@ class SweepRecorder:
         if experiment is None:
             return None
         self.experiment_id = experiment.experiment_id
-        found = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
-                             f"tags.`{ROLE_TAG}` = 'sweep'")
+        found = self._search(runs_filter("sweep", self.sweep))
         if not found:
             return None
-        trials = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
-                              f"tags.`{ROLE_TAG}` = 'trial'")
+        trials = self._search(runs_filter("trial", self.sweep))
         return RecordedSweep(found[0].info.run_id, found[0].data.params.get("fingerprint"),
                              len(trials))
 
@@ -123,13 +110,11 @@ class SweepRecorder:
             # are training runs, so it should open on the runs table
             client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
                                       "custom_model_development")
-        found = self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
-                             f"tags.`{ROLE_TAG}` = 'sweep'")
+        found = self._search(runs_filter("sweep", self.sweep))
         if found:
             self.parent_id = found[0].info.run_id
             client.update_run(self.parent_id, status="RUNNING")
-            for run in self._search(f"tags.`{SWEEP_TAG}` = '{self.sweep}' and "
-                                    f"tags.`{ROLE_TAG}` = 'trial'"):
+            for run in self._search(runs_filter("trial", self.sweep)):
                 self.runs[run.data.tags[KEY_TAG]] = run.info.run_id
         else:
             run = client.create_run(self.experiment_id, run_name=self.sweep,
@@ -191,13 +176,9 @@ class SweepRecorder:
             self._log_params(run_id, result[INFO])
         if result.get(DAMAGED_CHECKPOINTS):
             self._damaged_checkpoints(run_id, str(result[DAMAGED_CHECKPOINTS]))
-        step = int(result.get("step", 0))
-        values = {k: v for k, v in result.items()
-                  if (k in STEP_METRICS or k.startswith("test_accuracy"))
-                  and isinstance(v, (int, float))}
-        self._log_metrics(run_id, values, step)
-        if result.get(EVENT) == "diverged":
-            self.failed[key] = str(result.get("error", "diverged"))
+        self._log_metrics(run_id, metrics_of(result), int(result.get(STEP, 0)))
+        if result.get(EVENT) == DIVERGED:
+            self.failed[key] = str(result.get(ERROR, DIVERGED))
 
     def trial_checkpoint(self, key: str, folder: Path, step: int) -> None:
         if key in self.done:
@@ -315,12 +296,6 @@ def _recorder_for(tracking_uri: str, experiment: str, sweep: str) -> SweepRecord
                                                                           sweep)
 
 
-def error_line(text: str) -> str:
-    """The line of a traceback that says what went wrong (its last non-empty line)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
-
-
 class TrackingCallback(tune.Callback):
     """Ray Tune's hooks, forwarded to a SweepRecorder (runs on the driver)."""
 
@@ -341,7 +316,7 @@ class TrackingCallback(tune.Callback):
         self.recorder.trial_result(self._key(trial), result)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        step = int((trial.last_result or {}).get("step", 0))
+        step = int((trial.last_result or {}).get(STEP, 0))
         with checkpoint.as_directory() as folder:
             self.recorder.trial_checkpoint(self._key(trial), Path(folder), step)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from podd_engine.config import TrialConfig
+from podd_engine.errors import UserError
 from podd_engine.fileio import atomic_write_bytes
 from podd_engine.labels import PosterLabels, create_labels
 from podd_engine.poster import PosterGeometry, evenly_spaced
@@ -33,7 +34,7 @@ from podd_engine.preprocess import ChannelNormalization, Preprocessing, ZCAWhite
 FORMAT_VERSION = 1
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """A poster artifact is missing, corrupt or from an unknown format."""
 
 

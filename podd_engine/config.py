@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from podd_engine.errors import GeometryError, SettingError
 from podd_engine.methods import get_method, method_names
 
 # The choices of every setting that takes one (the engine modules that implement them import
@@ -34,20 +35,16 @@ PRECISIONS = ("fp32", "bf16")
 CURRICULUM_DRAWS = ("step", "epoch")
 
 
-class GeometryError(ValueError):
-    """An impossible poster geometry; the message names the setting and how to fix it."""
-
-
 def parse_grid(value: str | tuple[int, int] | list[int], what: str = "grid") -> tuple[int, int]:
     """'16x6' or (16, 6) -> (16, 6): columns x rows."""
     if isinstance(value, str):
         parts = value.lower().replace(" ", "").split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise GeometryError(f"{what} {value!r} is not COLSxROWS: write it like 16x6")
+            raise GeometryError(f"{what} {value!r} is not COLSxROWS: write it like 16x6", what)
         value = (int(parts[0]), int(parts[1]))
     cols, rows = (int(v) for v in value)
     if cols < 1 or rows < 1:
-        raise GeometryError(f"{what} {cols}x{rows} needs at least one column and one row")
+        raise GeometryError(f"{what} {cols}x{rows} needs at least one column and one row", what)
     return cols, rows
 
 
@@ -116,8 +113,8 @@ class TrialConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown setting {unknown[0]!r}: valid settings are "
-                             f"{', '.join(sorted(known))}")
+            raise SettingError(f"unknown setting {unknown[0]!r}: valid settings are "
+                               f"{', '.join(sorted(known))}", unknown[0])
         return cls(**values)
 
     def replace(self, **changes: Any) -> "TrialConfig":
@@ -158,29 +155,32 @@ class TrialConfig:
                    "curriculum": CURRICULUM_DRAWS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
-                                 f"{getattr(self, name)!r}")
+                raise SettingError(f"{name} must be one of {', '.join(allowed)}, got "
+                                   f"{getattr(self, name)!r}", name)
         positive = ("ipc", "steps", "total_inner_steps", "window", "distill_batch", "real_batch",
                     "real_chunk", "inner_lr", "lr", "eval_models", "width", "label_lr_scale")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise SettingError(f"{name} must be positive, got {getattr(self, name)}", name)
         if self.window > self.total_inner_steps:
-            raise ValueError(f"window ({self.window}) must not exceed total_inner_steps "
-                             f"({self.total_inner_steps})")
+            raise SettingError(f"window ({self.window}) must not exceed total_inner_steps "
+                               f"({self.total_inner_steps})", "window")
         if not 0 <= self.clip_coef < 1:
-            raise ValueError(f"clip_coef must be in [0, 1), got {self.clip_coef}")
+            raise SettingError(f"clip_coef must be in [0, 1), got {self.clip_coef}", "clip_coef")
         if not self.eval_steps or min(self.eval_steps) < 1:
-            raise ValueError(f"eval_steps must be positive step counts, got {self.eval_steps}")
+            raise SettingError(f"eval_steps must be positive step counts, got {self.eval_steps}",
+                               "eval_steps")
         if get_method(self.method).whole_ipc and float(self.ipc) != int(self.ipc):
-            raise ValueError(f"ipc {self.ipc} is not a whole number: method {self.method} stores "
-                             f"whole images per class (use method podd below 1 IPC)")
+            raise SettingError(f"ipc {self.ipc} is not a whole number: method {self.method} "
+                               f"stores whole images per class (use method podd below 1 IPC)",
+                               "ipc")
         if self.order == "given" and self.order_grid is None:
-            raise ValueError("order 'given' needs order_grid: rows of class indices")
+            raise SettingError("order 'given' needs order_grid: rows of class indices",
+                               "order_grid")
         if self.family is not None and self.family not in BENCHMARKS:
-            raise ValueError(f"family must be one of the paper's benchmarks "
-                             f"({', '.join(BENCHMARKS)}), got {self.family!r}: leave it unset "
-                             f"for a data set that is none of them")
+            raise SettingError(f"family must be one of the paper's benchmarks "
+                               f"({', '.join(BENCHMARKS)}), got {self.family!r}: leave it unset "
+                               f"for a data set that is none of them", "family")
 
 
     def _check_types(self) -> None:
@@ -193,9 +193,9 @@ class TrialConfig:
             if _has_type(value, kinds[0]):
                 continue
             wanted = " or ".join(_TYPE_WORDS.get(k, k) for k in kinds if k != "None")
-            raise ValueError(f"{f.name} must be {wanted}"
-                             + (" (or left unset)" if "None" in kinds else "")
-                             + f", got {value!r}")
+            raise SettingError(f"{f.name} must be {wanted}"
+                               + (" (or left unset)" if "None" in kinds else "")
+                               + f", got {value!r}", f.name)
 
 
 # Settings that say where or how fast a trial runs, or what its data set is called, but not
@@ -274,10 +274,11 @@ def paper_preset_name(family: str | None, dataset: str | None = None) -> str:
     family has none."""
     if family in PAPER:
         return family
-    raise ValueError(f"no paper preset for {dataset or family!r}: it is not one of the paper's "
-                     f"benchmarks ({', '.join(BENCHMARKS)}); if it is a copy of one, declare its "
-                     f"family (`family: cifar10` in the sweep, or a 'family' key in its "
-                     f"classes.json), else use preset cpu-small or give the settings")
+    raise SettingError(f"no paper preset for {dataset or family!r}: it is not one of the "
+                       f"paper's benchmarks ({', '.join(BENCHMARKS)}); if it is a copy of one, "
+                       f"declare its family (`family: cifar10` in the sweep, or a 'family' key in its "
+                       f"classes.json), else use preset cpu-small or give the settings",
+                       "preset")
 
 
 def make_config(preset: str | None = None, *, data_family: str | None = None,
@@ -294,7 +295,7 @@ def make_config(preset: str | None = None, *, data_family: str | None = None,
     elif preset == "cpu-small":
         base = dict(CPU_SMALL)
     elif preset not in (None, "none"):
-        raise ValueError(f"preset must be paper or cpu-small, got {preset!r}")
+        raise SettingError(f"preset must be paper or cpu-small, got {preset!r}", "preset")
     config = TrialConfig.from_dict({**base, **{k: v for k, v in settings.items()
                                                if v is not None}})
     config.validate()

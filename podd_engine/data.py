@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from podd_engine.errors import UserError, first_line
 from podd_engine.fileio import atomic_torch_save
 
 # (stage, done, total): called while decoding so a CLI can draw a progress bar.
@@ -37,7 +38,7 @@ CACHE_FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A data set cannot be loaded; the message says what is wrong and how to fix it."""
 
 
@@ -384,7 +385,7 @@ def _download(entry: DatasetEntry, name: str, root: Path, folder: Path) -> None:
         raise
     except Exception as exc:  # no network, HTTP error, checksum mismatch, bad archive
         (root / spec.filename).unlink(missing_ok=True)  # never trust a partial archive later
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DatasetError(f"{_missing_message(entry, name, folder)} (download from {spec.url} "
                            f"failed: {reason})") from exc
     finally:

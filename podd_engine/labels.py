@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from podd_engine.config import LABEL_MODES
+from podd_engine.errors import SettingError
 from podd_engine.poster import PosterGeometry
 
 
@@ -122,7 +123,8 @@ def create_labels(mode: str, geometry: PosterGeometry, order: torch.Tensor,
     if mode == "fixed":
         return PosterLabels("fixed", None, fixed_labels(geometry, order))
     if mode != "learned":
-        raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {mode!r}")
+        raise SettingError(f"labels must be one of {', '.join(LABEL_MODES)}, got {mode!r}",
+                           "labels")
     rows, cols = order.shape
     label_grid = label_grid or (cols, rows)
     array = _label_grid_init(order, geometry.num_classes, label_grid)

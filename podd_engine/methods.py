@@ -10,14 +10,19 @@ An entry says what a method makes and how it takes part in a comparison:
   whole_ipc  its IPC counts whole images per class (not a pixel budget)
   layout   poster: a poster of about IPC x n images' pixels in the class grid's aspect, cut into
            the patch grid (PoDD's geometry); tiled: IPC whole images per class cell, no overlap
+  geometry a method's own geometry, (config, data set) -> PosterGeometry, where neither layout
+           fits (None: by layout)
 
 Torch-free: the spec, the recorder and the report ask it without loading the engine.
-Adding a method is one `register_method` entry here plus its geometry in the pipeline.
+Adding a method is one `register_method` entry (here, or from a plug-in or a test) plus its
+code: a geometry function where neither layout fits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 POSTER, BASELINE, CONTROL = "poster", "baseline", "control"
 
@@ -45,6 +50,7 @@ class Method:
     whole_ipc: bool = False
     ignores: tuple[str, ...] = ()
     layout: str = "poster"
+    geometry: Callable[[Any, Any], Any] | None = None
 
     @property
     def uses_patch_grid(self) -> bool:

@@ -19,10 +19,11 @@ from typing import Protocol
 import torch
 
 from podd_engine.config import CLIP_MODES, ORDERINGS
+from podd_engine.errors import UserError, first_line
 
 
 
-class OrderingError(ValueError):
+class OrderingError(UserError):
     """A class ordering cannot be built; the message says why and how to fix it."""
 
 
@@ -166,7 +167,7 @@ class ClipTextEmbedder:
                                                device=self.device, cache_dir=self.cache_dir,
                                                require_pretrained=True)
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise ClipWeightsError(
                 f"CLIP weights for {self.model_name}/{self.pretrained} are not available "
                 f"({reason}): run once with internet access so open_clip caches them, or pass "

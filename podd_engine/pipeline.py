@@ -22,6 +22,7 @@ import torch
 
 from podd_engine.config import TrialConfig, default_class_grid
 from podd_engine.data import ImageDataset, create_dataset, with_declared_family
+from podd_engine.errors import SettingError
 from podd_engine.evaluate import EvalResult, evaluate_synthetic
 from podd_engine.labels import PosterLabels, create_labels
 from podd_engine.methods import get_method
@@ -40,8 +41,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is visible: use --device cpu "
-                         "or auto")
+        raise SettingError("device cuda was asked for but no CUDA GPU is visible: use --device "
+                           "cpu or auto", "device")
     return torch.device(device)
 
 
@@ -104,7 +105,10 @@ def build_geometry(config: TrialConfig, dataset: ImageDataset) -> PosterGeometry
                             "class_grid")
     common = dict(channels=dataset.channels, image_size=dataset.image_size,
                   num_classes=dataset.num_classes)
-    if get_method(config.method).layout == "tiled":  # ipc images per class cell, no overlap
+    method = get_method(config.method)
+    if method.geometry is not None:
+        return method.geometry(config, dataset)
+    if method.layout == "tiled":  # ipc images per class cell, no overlap
         h, w = dataset.image_size
         k = int(config.ipc)
         cols, rows = class_grid

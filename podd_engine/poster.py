@@ -17,7 +17,8 @@ from functools import cached_property
 
 import torch
 
-from podd_engine.config import POSTER_INITS, GeometryError, parse_grid  # noqa: F401 (re-exported)
+from podd_engine.config import POSTER_INITS, parse_grid  # noqa: F401 (re-exported)
+from podd_engine.errors import GeometryError
 
 
 
@@ -37,7 +38,7 @@ def poster_size_for_ipc(ipc: float, image_size: tuple[int, int], num_classes: in
     of the class grid laid out with image-sized cells. E.g. CIFAR-100 at 0.4 IPC -> 202 x 202
     (the paper's example) and CIFAR-10 at 0.9 IPC on a 5x2 grid -> 60 x 153 (the official one)."""
     if ipc <= 0:
-        raise GeometryError(f"ipc must be positive, got {ipc}")
+        raise GeometryError(f"ipc must be positive, got {ipc}", "ipc")
     h, w = image_size
     cols, rows = class_grid
     budget = ipc * num_classes * h * w
@@ -64,16 +65,17 @@ class PosterGeometry:
         if cols * rows != self.num_classes:
             raise GeometryError(f"class_grid {cols}x{rows} has {cols * rows} cells but the data set "
                                 f"has {self.num_classes} classes: choose a grid whose columns x "
-                                f"rows = {self.num_classes}")
+                                f"rows = {self.num_classes}", "class_grid")
         px, py = self.patch_grid
         if px < 1 or py < 1:
-            raise GeometryError(f"patch_grid {px}x{py} needs at least one column and one row")
+            raise GeometryError(f"patch_grid {px}x{py} needs at least one column and one row",
+                                "patch_grid")
         (ph, pw), (h, w) = self.poster_size, self.image_size
         if ph < h or pw < w:
             ipc = self.requested_ipc if self.requested_ipc is not None else self.achieved_ipc
             raise GeometryError(f"ipc {ipc:g} gives a {ph}x{pw} poster, smaller than one {h}x{w} "
                                 f"image: raise ipc to at least {self.minimum_ipc():.2f} or "
-                                f"change class_grid")
+                                f"change class_grid", "ipc")
 
     @classmethod
     def for_ipc(cls, ipc: float, *, channels: int, image_size: tuple[int, int],
@@ -206,7 +208,7 @@ def init_poster(geometry: PosterGeometry, kind: str = "fade",
     if kind == "gaussian":
         return torch.randn(c, *geometry.poster_size, generator=generator)
     if kind not in POSTER_INITS:
-        raise GeometryError(f"init must be 'fade' or 'gaussian', got {kind!r}")
+        raise GeometryError(f"init must be 'fade' or 'gaussian', got {kind!r}", "init")
 
     def noise(row: int, col: int, size: tuple[int, int]) -> torch.Tensor:
         values = torch.randn(c * size[0] * size[1], generator=generator)

@@ -301,6 +301,9 @@ class Distiller:
     _cursor: int = field(default=0, init=False)
     _graphs: StepGraphs | None = field(default=None, init=False)
     _epoch_curriculum: int | None = field(default=None, init=False)  # curriculum "epoch"
+    # a hook on every real batch before it is used, (images, labels) -> (images, labels): for
+    # fault injection in drills (orchestrator.faults); None in normal runs
+    real_batch_transform: Callable | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.poster = self.poster.detach().requires_grad_(True)
@@ -342,6 +345,8 @@ class Distiller:
     def step(self) -> StepMetrics:
         start = time.perf_counter()
         images, labels = self._real_batch()
+        if self.real_batch_transform is not None:
+            images, labels = self.real_batch_transform(images, labels)
         reinitialize(self.model, self.generator)  # a fresh network every outer step
         plan = draw_plan(self.synthetic.geometry.num_patches, len(images), self.schedule,
                          self.generator, self.poster.device,

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from orchestrator.tune import (PROGRESS_FILE, STATE_FILE, FaultPlan, read_checkpoint_state,
-                               scan_checkpoints, write_checkpoint)
+from orchestrator.checkpoints import (PROGRESS_FILE, STATE_FILE, read_checkpoint_state,
+                                      scan_checkpoints, write_checkpoint)
+from orchestrator.faults import FaultPlan
 
 
 def state():
@@ -66,7 +67,7 @@ def test_fault_plan_fires_the_given_number_of_times(tmp_path):
 
 
 def test_newest_intact_checkpoint_is_found_and_damaged_ones_are_listed(tmp_path):
-    from orchestrator.tune import newest_checkpoint
+    from orchestrator.checkpoints import newest_checkpoint
 
     assert newest_checkpoint(tmp_path / "missing") is None
     for index, step in ((1, 10), (2, 30), (3, 20), (6, 40), (7, 50)):
@@ -105,11 +106,6 @@ def test_a_torn_progress_record_is_reported_with_what_to_do(tmp_path):
 class FakeDistiller:
     def __init__(self):
         self.poster = torch.zeros(3, 4, 4)
-        self.batches = 0
-
-    def _real_batch(self):
-        self.batches += 1
-        return torch.ones(5, 3, 4, 4), torch.arange(5)
 
 
 @pytest.mark.parametrize("kind, poisoned", [("nan", torch.isnan), ("nan-poster", torch.isnan),
@@ -121,17 +117,24 @@ def test_poster_faults_poison_the_poster(tmp_path, kind, poisoned):
     FaultPlan(str(plan_file)).maybe_fail("t", 1, distiller)  # another step: nothing
     assert torch.isfinite(distiller.poster).all()
     FaultPlan(str(plan_file)).maybe_fail("t", 2, distiller)
-    assert poisoned(distiller.poster).all() and distiller.batches == 0
+    assert poisoned(distiller.poster).all()
 
 
-def test_nan_loss_fault_makes_the_real_batches_nan(tmp_path):
+def test_nan_loss_fault_is_caught_by_the_engine_at_the_next_step(tmp_path):
+    from podd_engine.data import create_dataset
+    from podd_engine.rat_bptt import NonFiniteError
+    from test_rat_bptt import make_distiller
+
     plan_file = tmp_path / "faults.json"
-    plan_file.write_text(json.dumps([{"trial": "t", "step": 2, "kind": "nan-loss"}]))
-    distiller = FakeDistiller()
-    FaultPlan(str(plan_file)).maybe_fail("t", 2, distiller)
-    images, labels = distiller._real_batch()
-    assert images.isnan().all() and labels.tolist() == [0, 1, 2, 3, 4]
-    assert distiller.batches == 1 and not distiller.poster.isnan().any()
+    plan_file.write_text(json.dumps([{"trial": "t", "step": 1, "kind": "nan-loss"}]))
+    distiller = make_distiller(create_dataset("digits"), 0)
+    distiller.step()
+    FaultPlan(str(plan_file)).maybe_fail("t", 1, distiller)
+    before = distiller.poster.detach().clone()
+    with pytest.raises(NonFiniteError, match="real-batch loss or the poster gradient"):
+        distiller.step()
+    assert torch.equal(distiller.poster, before)  # nothing was applied
+    assert torch.isfinite(distiller.real_images).all()  # the data set itself is untouched
 
 
 @pytest.mark.parametrize("fault, message", [

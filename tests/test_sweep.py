@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.spec import load_sweep
-from orchestrator.tune import FAULTS_ENV, SWEEP_STATE, launch, write_sweep_state
+from orchestrator.faults import FAULTS_ENV
+from orchestrator.tune import SWEEP_STATE, launch, write_sweep_state
 from podd_engine import fileio
 from podd_engine.artifact import load_artifact
 from podd_engine.data import create_dataset

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from mlflow import MlflowClient
 
 from orchestrator.spec import load_sweep
+from orchestrator.protocol import EVAL, FINAL, STEP, report
 from orchestrator.tracking import SweepRecorder, _error_text
 from podd_engine.data import create_dataset
 
@@ -29,7 +30,7 @@ def test_a_run_that_finished_is_left_alone_when_its_trial_is_replayed(tmp_path):
     first = open_recorder(tmp_path, spec, [done, running])
     for trial in (done, running):
         first.trial_started(trial)
-        first.trial_result(trial.key, {"step": 4, "loss": 1.0})
+        first.trial_result(trial.key, report(STEP, 4, {"loss": 1.0}))
     first.trial_finished(done.key)
     client = MlflowClient(first.tracking_uri)
     ended = client.get_run(first.runs[done.key]).info
@@ -38,7 +39,7 @@ def test_a_run_that_finished_is_left_alone_when_its_trial_is_replayed(tmp_path):
     second = open_recorder(tmp_path, spec, [done, running])
     for trial in (done, running):
         second.trial_started(trial)
-        second.trial_result(trial.key, {"step": 6, "loss": 0.5, "started_at_step": 6})
+        second.trial_result(trial.key, report(STEP, 6, {"loss": 0.5, "started_at_step": 6}))
         second.trial_finished(trial.key)
 
     again = client.get_run(second.runs[done.key]).info
@@ -115,9 +116,9 @@ def test_status_progress_is_the_same_from_sqlite_and_from_mlflows_client(tmp_pat
     for trial, accuracies in zip(trials, ([0.30, 0.55, 0.50], [0.20])):
         recorder.trial_started(trial)
         for step in range(0, 7, 2):
-            recorder.trial_result(trial.key, {"step": step, "loss": 2.0 - step / 10})
+            recorder.trial_result(trial.key, report(STEP, step, {"loss": 2.0 - step / 10}))
         for step, accuracy in zip((6, 8, 9), accuracies):
-            recorder.trial_result(trial.key, {"step": step, "test_accuracy": accuracy})
+            recorder.trial_result(trial.key, report(EVAL, step, {"test_accuracy": accuracy}))
     recorder.trial_finished(trials[0].key)
 
     def progress():
@@ -148,7 +149,7 @@ def test_status_of_a_long_sweep_shows_unfinished_and_best_trials_unless_all(tmp_
     recorder = open_recorder(tmp_path, spec, trials)
     for i, trial in enumerate(trials):
         recorder.trial_started(trial)
-        recorder.trial_result(trial.key, {"step": 6, "test_accuracy": i / 100})
+        recorder.trial_result(trial.key, report(FINAL, 6, {"test_accuracy": i / 100}))
         if i != 3:
             recorder.trial_finished(trial.key, error="boom" if i == 4 else None)
     uri = ["--tracking-uri", recorder.tracking_uri]
@@ -162,3 +163,16 @@ def test_status_of_a_long_sweep_shows_unfinished_and_best_trials_unless_all(tmp_
     every = CliRunner().invoke(app, ["status", "rec", "--all", *uri])
     assert len([line for line in every.stdout.splitlines() if "podd-digits" in line]) == \
         len(trials)
+
+
+def test_every_reported_measurement_is_recorded_and_nothing_else(tmp_path):
+    """No list of known fields: a measurement a trial starts to report is recorded; the
+    numbers Ray Tune adds to every result are not."""
+    spec, (trial, _) = one_trial(tmp_path)
+    recorder = open_recorder(tmp_path, spec, [trial])
+    recorder.trial_started(trial)
+    recorder.trial_result(trial.key, {**report(STEP, 2, {"brand_new_measure": 1.5,
+                                                         "flag": True}),
+                                      "time_this_iter_s": 0.3, "training_iteration": 4})
+    run = MlflowClient(recorder.tracking_uri).get_run(recorder.runs[trial.key])
+    assert run.data.metrics == {"brand_new_measure": 1.5}
