@@ -276,10 +276,10 @@ class ClassOrdering:
                 "order_score": self.score, "class_order": self.grid.tolist()}
 
 
-def create_class_ordering(method: str, class_names: Sequence[str], class_grid: tuple[int, int],
+def create_class_ordering(order: str, class_names: Sequence[str], class_grid: tuple[int, int],
                           *, seed: int = 0, embedder: TextEmbedder | None = None,
                           given: Sequence[Sequence[int]] | None = None) -> ClassOrdering:
-    """Build the class ordering `method` for a data set's class names on `class_grid`.
+    """Build the class ordering `order` (poco, random, identity, given) for a data set's class names on `class_grid`.
 
     The neighbour-distance score is computed whenever an embedder is given, so orderings of
     any method can be compared on the same scale.
@@ -289,21 +289,21 @@ def create_class_ordering(method: str, class_names: Sequence[str], class_grid: t
         raise OrderingError(f"class_grid {cols}x{rows} has {cols * rows} cells but there are "
                             f"{len(class_names)} classes")
     distances = None
-    if method == "poco" or embedder is not None:
+    if order == "poco" or embedder is not None:
         if embedder is None:
             embedder = ClipTextEmbedder()
         distances = cosine_distances(embedder.embed(list(class_names)))
-    if method == "poco":
+    if order == "poco":
         grid = poco_order(distances, class_grid)
-    elif method == "random":
+    elif order == "random":
         grid = random_order(class_grid, seed)
-    elif method == "identity":
+    elif order == "identity":
         grid = identity_order(class_grid)
-    elif method == "given":
+    elif order == "given":
         if given is None:
             raise OrderingError("order 'given' needs the grid of class indices (class_order_grid)")
         grid = given_order(given, class_grid)
     else:
-        raise OrderingError(f"unknown class order {method!r}: choose one of {', '.join(ORDERINGS)}")
+        raise OrderingError(f"unknown class order {order!r}: choose one of {', '.join(ORDERINGS)}")
     score = ordering_score(grid, distances) if distances is not None else None
-    return ClassOrdering(grid, method, embedder.name if embedder is not None else None, score)
+    return ClassOrdering(grid, order, embedder.name if embedder is not None else None, score)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import orchestrator.cli as cli
+import orchestrator.cli_sweeps as cli_sweeps
 import orchestrator.tune as tune
 from orchestrator.spec import AXES, SweepSpec
 
@@ -55,7 +56,7 @@ def run_launch(tmp_path, monkeypatch, text: str):
     started = []
     monkeypatch.setattr(tune, "launch", lambda *a, **k: started.append(1) or (_ for _ in ()).throw(
         AssertionError("a valid spec reached launch")))
-    monkeypatch.setattr(cli, "_embedder_problems", lambda sweep: [])  # has its own test
+    monkeypatch.setattr(cli_sweeps, "_embedder_problems", lambda sweep: [])  # has its own test
     path = tmp_path / "s.yaml"
     path.write_text(text)
     result = runner.invoke(app_, ["launch", str(path)])

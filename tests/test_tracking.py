@@ -140,7 +140,8 @@ def test_status_progress_is_the_same_from_sqlite_and_from_mlflows_client(tmp_pat
 def test_status_of_a_long_sweep_shows_unfinished_and_best_trials_unless_all(tmp_path):
     from typer.testing import CliRunner
 
-    from orchestrator.cli import STATUS_ROWS, app
+    from orchestrator.cli import app
+    from orchestrator.cli_sweeps import STATUS_ROWS
 
     spec = tmp_path / "long.yaml"
     spec.write_text("name: rec\ndataset: digits\nclass_order: identity\npatch_grid: 4x2\n"
