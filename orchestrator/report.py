@@ -33,11 +33,11 @@ from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, N
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
                                   no_baseline_verdict, row_passes)
+from podd_engine.benchmarks import BENCHMARKS
 from podd_engine.methods import BASELINE, CONFIGURATION_AXES, CONTROL, POSTER, get_method
 
 # RaT-BPTT at 1 IPC as reported in the PoDD paper (Table 2), test accuracy in %, mean +- std.
-PAPER_BASELINES = {"cifar10": (53.2, 0.7), "cifar100": (35.3, 0.4), "cub200": (13.8, 0.3),
-                   "tiny-imagenet": (20.1, 0.3)}
+PAPER_BASELINES = {name: b.rat_bptt_1ipc for name, b in BENCHMARKS.items()}
 PAPER_SOURCE = "the PoDD paper's Table 2 (RaT-BPTT, 1 IPC)"
 BUDGETS = ("pixels", "bytes")
 GROUP_BY = ["dataset", "method", "ipc", "patch_grid", "order", "labels", "settings", "schedule"]

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from podd_engine.benchmarks import BENCHMARKS as BENCHMARK_ENTRIES
 from podd_engine.errors import GeometryError, SettingError
 from podd_engine.methods import get_method, method_names
 
@@ -241,30 +242,15 @@ def default_class_grid(num_classes: int) -> str:
     return f"{cols}x{rows}"
 
 
-# The official settings (paper section 5 and the official README); steps = epochs x train/real.
-PAPER = {
-    "cifar10": dict(class_grid="5x2", patch_grid="16x6", distill_batch=96, real_batch=5000,
-                    window=60, total_inner_steps=200, inner_lr=1e-3, lr=1e-3, labels="fixed",
-                    steps=40_000),
-    "cifar100": dict(class_grid="10x10", patch_grid="20x20", distill_batch=50, real_batch=2000,
-                     window=100, total_inner_steps=300, inner_lr=1e-3, lr=1e-3,
-                     labels="learned", steps=50_000),
-    "cub200": dict(class_grid="20x10", patch_grid="60x30", distill_batch=200, real_batch=3000,
-                   window=60, total_inner_steps=200, inner_lr=1e-3, lr=1e-3, labels="learned",
-                   steps=16_000, seed=1),
-    "tiny-imagenet": dict(class_grid="20x10", patch_grid="40x20", distill_batch=30,
-                          real_batch=500, window=100, total_inner_steps=300, inner_lr=5e-4,
-                          lr=5e-4, labels="learned", steps=100_000,
-                          eval_steps=[100, 300, 600, 1000, 2000]),
-}
+# The official per-data-set settings live with each benchmark (podd_engine/benchmarks.py).
+PAPER = {name: b.paper_settings for name, b in BENCHMARK_ENTRIES.items()}
+BENCHMARKS = tuple(PAPER)  # the paper's four benchmarks: the families with a paper preset
 
 # CPU-sized: the CIFAR-10 paper geometry (5x2 classes, 16x6 patches, 96 patches per step) and
 # learning rates, with a narrower ConvNet, a short unroll (5 of 20 inner steps), a small real
 # batch, 300 outer steps and 3 evaluation networks on the paper's evaluation schedule.
 # PoCO uses the MiniLM text encoder here because it ships with its weights (CLIP weights need a
 # download); results record the embedder, and `--embedder clip` restores the paper's.
-BENCHMARKS = tuple(PAPER)  # the paper's four benchmarks: the families with a paper preset
-
 CPU_SMALL = dict(embedder="minilm", width=32, steps=300, total_inner_steps=20, window=5,
                  real_batch=256, real_chunk=256, eval_models=3)
 

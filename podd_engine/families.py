@@ -15,16 +15,13 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from podd_engine.benchmarks import BENCHMARKS
 from podd_engine.images import DatasetError, ImageDataset
-
-_BENCHMARK_CLASSES_FILE = Path(__file__).with_name("benchmark_classes.json")
-
 
 def benchmark_class_names() -> dict[str, list[list[str]]]:
     """family -> the class-name lists a copy of that benchmark may carry (CIFAR's label
     names; CUB's classes.txt; Tiny-ImageNet's wnids or their first WordNet lemma)."""
-    raw = json.loads(_BENCHMARK_CLASSES_FILE.read_text())
-    return {family: lists for family, lists in raw["families"].items()}
+    return {name: b.class_name_lists for name, b in BENCHMARKS.items()}
 
 
 def _normalized(names: Sequence[str]) -> tuple[str, ...]:
