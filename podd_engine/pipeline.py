@@ -162,7 +162,9 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
 
     method = get_method(config.method)
     if method.uses_order:
-        if config.order == "poco" and embedder is None:
+        # PoCO needs the embedder; any other order is scored with it too when it costs no
+        # download (MiniLM ships with its weights), so orders can be compared (claim C3)
+        if embedder is None and (config.order == "poco" or config.embedder == "minilm"):
             embedder = create_embedder(config)
         ordering = create_class_ordering(config.order, dataset.class_names,
                                          geometry.class_grid, seed=config.seed,

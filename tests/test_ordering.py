@@ -204,3 +204,17 @@ def test_minilm_embedder_works_offline_with_real_semantics(monkeypatch):
                                      embedder=PrecomputedEmbedder(embedder.embed(names))).score
                for s in range(10)]
     assert poco.score < sorted(randoms)[len(randoms) // 2]  # better than a typical random layout
+
+
+def test_a_random_order_is_scored_when_the_embedder_ships_offline():
+    from podd_engine.data import create_dataset
+    from podd_engine.pipeline import build_trial
+    from test_pipeline import tiny
+
+    digits = create_dataset("digits")
+    scored = build_trial(tiny(order="random", embedder="minilm"), digits).ordering
+    assert scored.score is not None and scored.embedder.startswith("minilm")
+    poco = build_trial(tiny(order="poco", embedder="minilm"), digits).ordering
+    assert poco.score <= scored.score  # PoCO's greedy placement scores at least as well here
+    # CLIP would need a download: a random order is not scored with it, and does not need it
+    assert build_trial(tiny(order="random"), digits).ordering.score is None
