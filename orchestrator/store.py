@@ -39,6 +39,15 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its artifacts: `mlruns/` beside the
+    database file, wherever the command runs (MLflow's default, ./mlruns, depends on the
+    working folder). None for other stores: the server decides."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+    return None
+
+
 def resolve_tracking_uri(override: str | None = None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here."""
     return absolute_tracking_uri(override or os.environ.get("MLFLOW_TRACKING_URI")

@@ -27,7 +27,8 @@ from orchestrator.protocol import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, D
                                    EVENT, INFO, POSTER_PNG, STEP, error_line, metrics_of)
 from orchestrator.spec import PlannedTrial
 from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
-                                SWEEP_TAG, TERMINAL, runs_filter, search_all)
+                                SWEEP_TAG, TERMINAL, artifact_location, runs_filter,
+                                search_all)
 
 
 # Tags a trial run gets at every (re)start: params are write-once, and a retried trial can run
@@ -104,7 +105,9 @@ class SweepRecorder:
         client = self.client
         experiment = client.get_experiment_by_name(self.experiment)
         self.experiment_id = (experiment.experiment_id if experiment is not None
-                              else client.create_experiment(self.experiment))
+                              else client.create_experiment(
+                                  self.experiment,
+                                  artifact_location=artifact_location(self.tracking_uri)))
         if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
             # MLflow 3's UI opens experiments of unknown kind on its GenAI trace views; these
             # are training runs, so it should open on the runs table

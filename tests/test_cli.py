@@ -49,7 +49,7 @@ def test_prepare_fills_the_cache_and_reports(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["train"], summary["test"], summary["num_classes"]) == (12, 6, 3)
-    assert (tmp_path / "cache" / "datasets").glob("parquet-pq-*.pt")
+    assert list((tmp_path / "cache" / "datasets").glob("parquet-pq-*.pt"))
     assert list((tmp_path / "cache" / "preprocessing").glob("zca-*.pt"))
     listed = {r["name"]: r for r in json.loads(run("datasets", "--json").stdout)}
     assert listed["digits"]["status"] == "files present"

@@ -138,3 +138,19 @@ def test_paper_preset_is_chosen_by_data_set_family_not_shape():
 def test_bad_settings_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
         tiny(**changes).validate()
+
+
+def test_bf16_distils_and_evaluates_on_the_cpu(digits):
+    config = tiny(precision="bf16")
+    result = distill(config, digits)
+    assert result.poster.dtype == torch.float32  # autocast computes in bf16, keeps fp32 state
+    assert torch.isfinite(result.poster).all() and all(m.loss > 0 for m in result.history)
+    assert 0 <= result.evaluation.mean() <= 1
+    fp32 = distill(tiny(), digits)
+    assert not torch.equal(result.poster, fp32.poster)  # bf16 really ran
+    from podd_engine.pipeline import build_trial
+
+    start = build_trial(tiny(), digits).poster  # the seeded initial poster of both
+    moved_bf16, moved_fp32 = (result.poster - start).flatten(), (fp32.poster - start).flatten()
+    # the same distillation up to bf16 rounding: the poster moved the same way
+    assert torch.nn.functional.cosine_similarity(moved_bf16, moved_fp32, dim=0) > 0.9

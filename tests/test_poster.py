@@ -87,7 +87,22 @@ def test_fade_init_unit_norm_areas_blended_without_seams():
             assert poster[:, y:y + 32, x:x + 32].norm() == pytest.approx(1.0, rel=1e-5)
     overlapped = init_poster(cifar(0.5), "fade", torch.Generator().manual_seed(0))
     assert torch.isfinite(overlapped).all() and (overlapped != 0).float().mean() > 0.99
-    # the cross-fade: along a row, the first pixel is the first area's, the overlap is a mix
+    # the cross-fade: with constant areas (area k = k), a row rises in a straight ramp from one
+    # area's value to the next across their overlap: no seam, no jump
+    from podd_engine.poster import class_area_positions, compose_poster
+
+    geometry = cifar(0.5)
+    ys, xs, (ah, aw) = class_area_positions(geometry)
+    cols = len(xs)
+    flat = compose_poster(geometry, lambda r, c, size: torch.full((3, *size), float(r * cols + c)))
+    start, end = xs[1], xs[0] + aw  # the first overlap along the top row, [start, end)
+    assert end - start >= 3
+    row = flat[0, 0]
+    assert torch.all(row[:start] == 0) and torch.all(row[end:xs[2]] == 1)
+    ramp = row[start:end]  # the official fade: linspace(1, 0) weights, ends included
+    assert ramp[0] == 0 and ramp[-1] == 1
+    assert torch.allclose(ramp[1:] - ramp[:-1], torch.full((len(ramp) - 1,), 1 / (len(ramp) - 1)),
+                          atol=1e-6)  # equal steps: a straight ramp
     gaussian = init_poster(g, "gaussian", torch.Generator().manual_seed(0))
     assert gaussian.std() == pytest.approx(1.0, rel=0.05)
     with pytest.raises(GeometryError, match="init must be"):

@@ -43,7 +43,8 @@ def record_trial(client, experiment_id, parent_id, *, method, ipc, seed, accurac
 def store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("podd-sweep")
+    experiment_id = client.create_experiment("podd-sweep",
+                                             artifact_location=(tmp_path / "mlruns").as_uri())
     parent = client.create_run(experiment_id, run_name="s",
                                tags={SWEEP_TAG: "s", ROLE_TAG: "sweep"}).info.run_id
 

@@ -66,9 +66,35 @@ def run_launch(tmp_path, monkeypatch, text: str):
 app_ = cli.app
 
 
+def surely_invalid(doc) -> str | None:
+    """An independent oracle for the mutations that can never be valid: why, or None."""
+    if not isinstance(doc, dict):
+        return "not a mapping"
+    unknown = set(doc) - set(SweepSpec.model_fields)
+    if unknown:
+        return f"unknown keys {sorted(unknown)}"
+    missing = {"name", "dataset", "ipc"} - set(doc)
+    if missing:
+        return f"missing {sorted(missing)}"
+    ipcs = doc["ipc"] if isinstance(doc["ipc"], list) else [doc["ipc"]]
+    if not ipcs or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                       for v in ipcs):
+        return f"ipc {doc['ipc']!r}"
+    settings_ = doc.get("settings")
+    if isinstance(settings_, dict) and {"widht", "ipc"} & set(settings_):
+        return f"settings {sorted(settings_)}"
+    resources = doc.get("resources")
+    if isinstance(resources, dict) and "gpus" in resources:
+        return "resources.gpus"
+    if any(isinstance(e, dict) and "ipcc" in e for e in doc.get("include") or []):
+        return "include[].ipcc"
+    return None
+
+
 def check_refused_or_valid(result, started, doc):
     assert "Traceback" not in result.output
-    if started:  # the spec was valid: it got as far as launch (stubbed)
+    if started:  # it got as far as launch (stubbed): it must not be surely invalid
+        assert surely_invalid(doc) is None, (surely_invalid(doc), doc)
         return
     assert result.exit_code == 2, (result.exit_code, result.output, doc)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

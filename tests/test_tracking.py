@@ -177,3 +177,18 @@ def test_every_reported_measurement_is_recorded_and_nothing_else(tmp_path):
                                       "time_this_iter_s": 0.3, "training_iteration": 4})
     run = MlflowClient(recorder.tracking_uri).get_run(recorder.runs[trial.key])
     assert run.data.metrics == {"brand_new_measure": 1.5}
+
+
+def test_artifacts_live_beside_the_store_not_in_the_working_folder(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # launch run from another folder than the store's
+    store = tmp_path / "store"
+    store.mkdir()
+    spec, (trial, _) = one_trial(tmp_path)
+    recorder = SweepRecorder(f"sqlite:///{store / 'mlflow.db'}", "podd-sweep", "rec")
+    recorder.open_sweep(spec_text=spec.read_text(), fingerprint="f", trials=1, params={})
+    recorder.trial_started(trial)
+    MlflowClient(recorder.tracking_uri).log_text(recorder.runs[trial.key], "hello", "note.txt")
+    assert list((store / "mlruns").rglob("note.txt"))
+    assert not (elsewhere / "mlruns").exists()
