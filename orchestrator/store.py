@@ -124,17 +124,112 @@ def _check_file_store(root: Path) -> None:
                          f"meta.yaml in it)")
 
 
+def prepare_sqlite_store(uri: str) -> None:
+    """Make sure a local sqlite store can be written, before a sweep writes to it.
+
+    A store that does not exist is created atomically: MLflow's schema is written into a
+    temporary file beside it, which is then linked into place, so a launch killed while MLflow
+    creates its tables leaves either no store or a complete one (never a half-migrated file
+    MLflow cannot open again). A half-created store found (an older version's, or another
+    tool's interrupted creation) is rebuilt when it holds no runs; with runs it is one line
+    saying what to do. Other stores (a server) are left to MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        state, runs = _sqlite_schema_state(path)
+        if state == "complete":
+            return
+        if state == "foreign":
+            check_local_store(uri)  # says what the file is
+        if runs:
+            raise UserError(f"{path} is an MLflow store whose creation or migration was cut "
+                            f"short, and it holds {runs} run(s): back it up, then run `mlflow "
+                            f"db upgrade sqlite:///{path}`, or move it away and launch again "
+                            f"for a new store")
+        for leftover in (path, path.with_name(path.name + "-journal")):
+            leftover.unlink(missing_ok=True)  # nothing recorded in it: build it anew
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # a killed launch's
+        if not _alive(stale.name.rsplit("-", 1)[-1].split(".")[0]):
+            stale.unlink(missing_ok=True)
+    staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        with mlflow_errors(f"sqlite:///{path}"):
+            _write_mlflow_schema(staging)
+        try:
+            os.link(staging, path)  # atomic, and never over a store another launch just made
+        except FileExistsError:
+            pass
+    finally:
+        for leftover in (staging, staging.with_name(staging.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_mlflow_schema(path: Path) -> None:
+    """An empty MLflow store with the whole schema at `path` (MLflow creates and migrates it
+    when it first opens a store)."""
+    import logging
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    quiet = logging.getLogger("mlflow.store.db.utils")
+    level, quiet.level = quiet.level, logging.WARNING  # "Creating initial MLflow database..."
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "mlruns"))
+        store.engine.dispose()
+    finally:
+        quiet.setLevel(level)
+
+
+def _sqlite_schema_state(path: Path) -> tuple[str, int]:
+    """(complete | half-created | foreign, the number of runs it holds) of a sqlite file."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not tables & MLFLOW_SQLITE_TABLES:
+                return "foreign", 0
+            runs = (db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+                    if "runs" in tables else 0)
+            version = (db.execute("SELECT version_num FROM alembic_version").fetchone()
+                       if "alembic_version" in tables else None)
+    except sqlite3.DatabaseError:
+        return "foreign", 0
+    if version is not None and version[0] == _get_latest_schema_revision() \
+            and MLFLOW_SQLITE_TABLES <= tables:
+        return "complete", runs
+    return "half-created", runs
+
+
 @contextlib.contextmanager
 def mlflow_errors(uri: str) -> Iterator[None]:
     """MLflow's own errors (a store it cannot read, a schema it would have to migrate, a server
     that does not answer) as one ValueError line the CLI shows, not a traceback."""
     from mlflow.exceptions import MlflowException
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         yield
     except MlflowException as exc:
         reason = first_line(str(exc.message) or type(exc).__name__)
         raise UserError(f"MLflow could not read the store {uri}: {reason}") from None
+    except (SQLAlchemyError, sqlite3.Error) as exc:
+        raise UserError(f"the MLflow store {uri} cannot be used: {first_line(exc)}: check the "
+                        f"file (or point --tracking-uri at another store)") from None
 
 
 def runs_filter(role: str, sweep: str | None = None) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,11 +26,14 @@ from pathlib import Path
 
 from ray import tune
 
+from orchestrator.driver_lock import DriverLock
 from orchestrator.faults import FAULTS_ENV, FaultPlan
 from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handled_by, say,
                                     stop_grace_s)
 from orchestrator.protocol import DIVERGED, ERROR, EVENT, FINAL, error_line, metrics_of
 from orchestrator.spec import PlannedTrial, SpecError, Sweep
+from orchestrator.store import prepare_sqlite_store
+from podd_engine.errors import first_line
 from orchestrator.tracking import RecordedSweep, SweepRecorder, TrackingCallback
 from orchestrator.trainable import make_trainable
 
@@ -163,6 +167,7 @@ def _open_recorder(sweep: Sweep, tracking_uri: str, experiment_dir: Path,
     """The sweep's MLflow recorder with its parent run open; a store that cannot be reached is
     one line naming it, not MLflow's traceback."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     recorder = SweepRecorder(tracking_uri, sweep.spec.experiment, sweep.name)
     try:
@@ -174,6 +179,10 @@ def _open_recorder(sweep: Sweep, tracking_uri: str, experiment_dir: Path,
     except MlflowException as exc:
         raise SpecError(f"{sweep.source}: tracking_uri: cannot record the sweep in MLflow at "
                         f"{tracking_uri}: {error_line(str(exc))}") from None
+    except (SQLAlchemyError, sqlite3.Error) as exc:  # the store's own errors, as one line
+        raise SpecError(f"{sweep.source}: tracking_uri: the MLflow store {tracking_uri} cannot "
+                        f"be used: {first_line(exc)}: check the file, or point --tracking-uri "
+                        f"at another store") from None
     return recorder
 
 
@@ -207,9 +216,8 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     True: there must be one to continue; False: it is an error if one exists.
     A first Ctrl-C stops it gracefully (`GracefulStop`), a second raises KeyboardInterrupt;
     either way Ray, if this call started it, is shut down and no MLflow run is left RUNNING.
+    A sweep another driver is running is refused (`SweepRunning`, one line).
     """
-    import ray
-
     uri = sweep.tracking_uri(tracking_uri)
     experiment_dir = sweep.storage_path() / sweep.name
     can_restore = tune.Tuner.can_restore(str(experiment_dir))
@@ -217,6 +225,19 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     if (experiment_dir / SWEEP_STATE).exists():
         _check_resumable(sweep, read_sweep_state(sweep, experiment_dir / SWEEP_STATE), uri)
     ray_results_exist = experiment_dir.is_dir()
+    lock = DriverLock(sweep.storage_path(), sweep.name)  # one driver per sweep
+    lock.acquire()
+    try:
+        return _run(sweep, address, uri, experiment_dir, can_restore, ray_results_exist,
+                    verbose)
+    finally:
+        lock.release()
+
+
+def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_restore: bool,
+         ray_results_exist: bool, verbose: int) -> SweepOutcome:
+    import ray
+
     grace_s = stop_grace_s()
 
     # Tune snapshots its experiment state whenever a trial has written num_to_keep checkpoints
@@ -231,6 +252,7 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
         if owns_ray:
             _start_ray(address, verbose)
         _check_resources_fit(sweep, ray.nodes())
+        prepare_sqlite_store(uri)  # created whole, or a half-created one said so
         recorder = _open_recorder(sweep, uri, experiment_dir, ray_results_exist)
         outcome = SweepOutcome(sweep.name, experiment_dir, uri, recorder.parent_id, can_restore)
         names = TrialNames({t.key: t.name for t in sweep.trials})

@@ -3,6 +3,7 @@ does something bad to it, checks that nothing computed was lost and nothing reco
 and appends its result to docs/results/reliability.jsonl (docs/reliability.md explains them).
 
     python scripts/reliability.py killed-driver   # kill -9 the driver mid-sweep, run it again
+    python scripts/reliability.py kill-anytime    # kill -9 it at five moments, each then rerun
     python scripts/reliability.py ctrl-c          # SIGINT mid-sweep, run it again
     python scripts/reliability.py crash           # an error, an OOM, NaN/inf posters, a NaN loss
     python scripts/reliability.py cluster         # ray start head + worker; kill the worker
@@ -34,17 +35,17 @@ RESULTS = Path(os.environ.get("PODD_RELIABILITY_RESULTS",
 CLI = str(Path(sys.executable).with_name("podd-sweep"))
 
 ENGINE = ("{width: 8, steps: %(steps)d, total_inner_steps: 4, window: 2, distill_batch: 16, "
-          "real_batch: 64, real_chunk: 64, eval_models: 1, eval_steps: [20]}")
+          "real_batch: 64, real_chunk: 64, eval_models: 1, eval_steps: [%(eval_steps)d]}")
 
 
 def write_spec(folder: Path, name: str, *, seeds: int = 2, ipcs=(0.5, 1.0), steps: int = 60,
                checkpoint_every: int = 10, extra: str = "", tracking_uri: str | None = None,
-               cpu: float = 1) -> Path:
+               cpu: float = 1, eval_steps: int = 20) -> Path:
     spec = folder / f"{name}.yaml"
     spec.write_text(
         f"name: {name}\ndataset: digits\nmethod: podd\nipc: {list(ipcs)}\npatch_grid: 4x2\n"
         f"class_order: identity\nseeds: {list(range(seeds))}\n"
-        f"settings: {ENGINE % {'steps': steps}}\n"
+        f"settings: {ENGINE % {'steps': steps, 'eval_steps': eval_steps}}\n"
         f"resources: {{cpu: {cpu}}}\nmax_concurrent: 2\nmax_failures: 1\n"
         f"checkpoint_every: {checkpoint_every}\nlog_every: 5\nstorage: {folder / 'ray'}\n"
         f"tracking_uri: {tracking_uri or 'sqlite:///' + str(folder / 'mlflow.db')}\n" + extra)
@@ -515,14 +516,18 @@ def drill_load(trials: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("drill", choices=["killed-driver", "ctrl-c", "crash", "cluster",
-                                          "mlflow-server", "load"])
+    parser.add_argument("drill", choices=["killed-driver", "kill-anytime", "ctrl-c", "crash",
+                                          "cluster", "mlflow-server", "load"])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--screenshots", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
     if args.drill in ("killed-driver", "ctrl-c"):
         ok = drill_interrupt(args.drill)
+    elif args.drill == "kill-anytime":
+        from reliability_kill import drill_kill_anytime
+
+        ok = drill_kill_anytime()
     elif args.drill == "crash":
         ok = drill_crash()
     elif args.drill == "cluster":

@@ -192,3 +192,65 @@ def test_artifacts_live_beside_the_store_not_in_the_working_folder(tmp_path, mon
     MlflowClient(recorder.tracking_uri).log_text(recorder.runs[trial.key], "hello", "note.txt")
     assert list((store / "mlruns").rglob("note.txt"))
     assert not (elsewhere / "mlruns").exists()
+
+
+def _half_migrate(path: Path, runs: int = 0) -> None:
+    """What a launch killed while MLflow migrated a new store leaves: tables of a later
+    revision, the bookkeeping of an earlier one."""
+    import sqlite3
+
+    from orchestrator.store import prepare_sqlite_store
+
+    prepare_sqlite_store(f"sqlite:///{path}")
+    if runs:
+        client = MlflowClient(f"sqlite:///{path}")
+        experiment = client.create_experiment("x", artifact_location=path.parent.as_uri())
+        for _ in range(runs):
+            client.create_run(experiment)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'a8c4a736bde6'")
+
+
+def test_a_new_store_is_created_whole_or_not_at_all(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from orchestrator.store import _sqlite_schema_state, prepare_sqlite_store
+
+    store = tmp_path / "s" / "mlflow.db"
+    # a creation killed half-way leaves only its staging file, never a store
+    child = subprocess.Popen([sys.executable, "-c",
+                              "from orchestrator.store import prepare_sqlite_store as p; "
+                              f"p('sqlite:///{store}')"])
+    deadline = __import__("time").time() + 60
+    while not list(store.parent.glob(".mlflow.db.creating-*")):
+        assert __import__("time").time() < deadline and child.poll() is None
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not store.exists()
+    prepare_sqlite_store(f"sqlite:///{store}")  # the next launch: a whole store
+    assert _sqlite_schema_state(store) == ("complete", 0)
+    assert os.listdir(store.parent) == ["mlflow.db"]  # the killed one's staging file is gone
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # and MLflow opens it
+
+
+def test_a_half_created_store_is_rebuilt_when_empty_and_refused_with_runs(tmp_path):
+    import pytest
+
+    from orchestrator.store import _sqlite_schema_state, prepare_sqlite_store
+    from podd_engine.errors import UserError
+
+    empty = tmp_path / "empty" / "mlflow.db"
+    _half_migrate(empty)
+    assert _sqlite_schema_state(empty)[0] == "half-created"
+    prepare_sqlite_store(f"sqlite:///{empty}")
+    assert _sqlite_schema_state(empty) == ("complete", 0)
+    kept = tmp_path / "kept" / "mlflow.db"
+    _half_migrate(kept, runs=2)
+    before = kept.read_bytes()
+    with pytest.raises(UserError, match=r"whose creation or migration was cut short, and it "
+                                        r"holds 2 run\(s\): back it up, then run `mlflow db"):
+        prepare_sqlite_store(f"sqlite:///{kept}")
+    assert kept.read_bytes() == before  # nothing recorded is touched
