@@ -126,7 +126,7 @@ def launch_command(
         raise typer.Exit(130) from None
     if outcome.failed:
         raise typer.Exit(1)
-    if outcome.unfinished:
+    if outcome.unfinished or outcome.tracking_gave_up:
         raise typer.Exit(130)
 
 
@@ -149,6 +149,10 @@ def _print_outcome(outcome) -> None:
     if outcome.unfinished:
         err_console.print(f"interrupted: {len(outcome.unfinished)} trial(s) unfinished; run the "
                           f"same command again to resume")
+    if outcome.tracking_gave_up:
+        err_console.print(f"interrupted: {outcome.tracking_gave_up}; the record is incomplete "
+                          f"until the same command runs again with the store answering",
+                          highlight=False, soft_wrap=True)
 
 
 STATUS_ROWS = 40  # longer sweeps show their unfinished and best trials unless --all

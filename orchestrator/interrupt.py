@@ -64,6 +64,7 @@ class GracefulStop(tune.Callback):
         self.loop_ended = False
         self.tune_loop_running = False
         self.answered: set[str] = set()  # Tune ids of trials that reported their stop
+        self.reason = "Ctrl-C"
 
     # Tune pickles its callbacks with the experiment state and unpickles them when a sweep is
     # resumed: they come back as this launch's instance (a resumed sweep's old copy would
@@ -90,6 +91,13 @@ class GracefulStop(tune.Callback):
             raise KeyboardInterrupt
         self.requested_at = time.monotonic()
 
+    def request(self, reason: str) -> None:
+        """Stop as a first Ctrl-C does, for `reason` (from any thread: the tracking writer
+        when the store stays away)."""
+        if self.requested_at is None:
+            self.reason = reason
+            self.requested_at = time.monotonic()
+
     # -- Tune's callbacks, on the driver's main thread
     def setup(self, **info) -> None:
         self.tune_loop_running = True
@@ -109,9 +117,9 @@ class GracefulStop(tune.Callback):
             self.announced = True
             if self.stop_file is not None:
                 self.stop_file.touch()
-            say(f"Ctrl-C: {len(waiting)} running trial(s) save a checkpoint at their current "
-                 f"step, then the sweep stops (within {self.grace_s:g} s; Ctrl-C again to stop "
-                 f"at once)")
+            say(f"{self.reason}: {len(waiting)} running trial(s) save a checkpoint at their "
+                f"current step, then the sweep stops (within {self.grace_s:g} s; Ctrl-C again "
+                f"to stop at once)")
         if waiting and time.monotonic() - self.requested_at < self.grace_s:
             return
         if waiting:

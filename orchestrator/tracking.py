@@ -16,7 +16,6 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +191,7 @@ class SweepRecorder:
             from PIL import Image
             with Image.open(png) as image:
                 self.client.log_image(run_id, image.copy(), key="poster", step=step)
+            self._logged(run_id, "poster", step)
         if (folder / ARTIFACT_DIR).is_dir():
             self.client.log_artifacts(run_id, str(folder / ARTIFACT_DIR), "poster_artifact")
             if png.exists():
@@ -201,9 +201,11 @@ class SweepRecorder:
         if key in self.done:
             return
         run_id = self.runs[key]
+        from mlflow.entities import RunTag
+
         retries = int(self.client.get_run(run_id).data.tags.get("podd.retries", 0)) + 1
-        self.client.set_tag(run_id, "podd.retries", str(retries))
-        self.client.set_tag(run_id, "podd.last_error", error[:5000])
+        self.client.log_batch(run_id, tags=[RunTag("podd.retries", str(retries)),
+                                            RunTag("podd.last_error", error[:5000])])
 
     def trial_finished(self, key: str, error: str | None = None,
                        error_detail: str | None = None) -> None:
@@ -227,15 +229,15 @@ class SweepRecorder:
             return
         if run_id not in self._nodes:
             self._nodes[run_id] = self.client.get_run(run_id).data.tags.get(NODES_TAG, "").split()
-        self._nodes[run_id].append(node_id)
+        nodes = self._nodes[run_id] + [node_id]  # kept once written (a retry must not add twice)
         if run_id not in self._params:
             self._params[run_id] = set(self.client.get_run(run_id).data.params)
         first = "node_id" not in self._params[run_id]
         # one write per attempt: a sweep of 200 short trials makes 200 of them
         self.client.log_batch(
             run_id, params=[Param("node_id", node_id)] if first else [],
-            tags=[RunTag(NODE_TAG, node_id),
-                  RunTag(NODES_TAG, " ".join(self._nodes[run_id])[:5000])])
+            tags=[RunTag(NODE_TAG, node_id), RunTag(NODES_TAG, " ".join(nodes)[:5000])])
+        self._nodes[run_id] = nodes
         self._params[run_id].add("node_id")
 
     def _damaged_checkpoints(self, run_id: str, lines: str) -> None:
@@ -263,7 +265,8 @@ class SweepRecorder:
 
     def _new_step(self, run_id: str, metric: str, step: int) -> bool:
         """False when `metric` was already logged at `step` or later (a resumed trial replays
-        the steps after its last checkpoint)."""
+        the steps after its last checkpoint). Only asks: `_logged` records the step once the
+        write succeeded (a write retried after a failure must not find it taken)."""
         key = (run_id, metric)
         if key not in self._last_step:
             if metric == "poster":
@@ -276,10 +279,10 @@ class SweepRecorder:
             else:
                 history = self.client.get_metric_history(run_id, metric)
                 self._last_step[key] = max((m.step for m in history), default=-1)
-        if step <= self._last_step[key]:
-            return False
-        self._last_step[key] = step
-        return True
+        return step > self._last_step[key]
+
+    def _logged(self, run_id: str, metric: str, step: int) -> None:
+        self._last_step[(run_id, metric)] = step
 
     def _log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -289,6 +292,8 @@ class SweepRecorder:
                    if self._new_step(run_id, k, step)]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+            for metric in metrics:
+                self._logged(run_id, metric.key, step)
 
 
 _OPEN: dict[tuple[str, str, str], SweepRecorder] = {}
@@ -300,38 +305,38 @@ def _recorder_for(tracking_uri: str, experiment: str, sweep: str) -> SweepRecord
 
 
 class TrackingCallback(tune.Callback):
-    """Ray Tune's hooks, forwarded to a SweepRecorder (runs on the driver)."""
+    """Ray Tune's hooks, handed to the sweep's `RecordWriter` (runs on the driver): Tune's
+    loop never waits for MLflow."""
 
-    def __init__(self, recorder: SweepRecorder, trials: Iterable[PlannedTrial]):
-        self.recorder = recorder
-        self.trials = {t.key: t for t in trials}
+    def __init__(self, writer):
+        self.writer = writer
 
     @staticmethod
     def _key(trial) -> str:
         return trial.config["trial"]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.recorder.trial_started(self.trials[self._key(trial)])
+        self.writer.submit("trial_started", self._key(trial))
 
     on_trial_restore = on_trial_start
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.recorder.trial_result(self._key(trial), result)
+        self.writer.submit("trial_result", self._key(trial), result)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         step = int((trial.last_result or {}).get(STEP, 0))
         with checkpoint.as_directory() as folder:
-            self.recorder.trial_checkpoint(self._key(trial), Path(folder), step)
+            self.writer.checkpoint(self._key(trial), Path(folder), step)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.recorder.trial_retried(self._key(trial), error_line(_error_text(trial)))
+        self.writer.submit("trial_retried", self._key(trial), error_line(_error_text(trial)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.recorder.trial_finished(self._key(trial))
+        self.writer.submit("trial_finished", self._key(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         text = _error_text(trial)
-        self.recorder.trial_finished(self._key(trial), error_line(text), text)
+        self.writer.submit("trial_finished", self._key(trial), error_line(text), text)
 
 
 def _error_text(trial) -> str:

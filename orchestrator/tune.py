@@ -32,10 +32,11 @@ from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handl
                                     stop_grace_s)
 from orchestrator.protocol import DIVERGED, ERROR, EVENT, FINAL, error_line, metrics_of
 from orchestrator.spec import PlannedTrial, SpecError, Sweep
+from orchestrator.record_writer import RecordWriter
 from orchestrator.store import prepare_sqlite_store
-from podd_engine.errors import first_line
 from orchestrator.tracking import RecordedSweep, SweepRecorder, TrackingCallback
 from orchestrator.trainable import make_trainable
+from podd_engine.errors import first_line
 
 SWEEP_STATE = "podd_sweep.json"  # next to Tune's experiment state: what this sweep is
 
@@ -76,6 +77,7 @@ class SweepOutcome:
     states: dict[str, str] = field(default_factory=dict)  # trial name -> FINISHED|FAILED|...
     errors: dict[str, str] = field(default_factory=dict)  # trial name -> error line
     accuracy: dict[str, float] = field(default_factory=dict)  # trial name -> test accuracy
+    tracking_gave_up: str | None = None  # why the record stopped (the store stayed away)
 
     @property
     def failed(self) -> list[str]:
@@ -240,11 +242,17 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
 
     grace_s = stop_grace_s()
 
+    if uri.startswith(("http://", "https://")):
+        # the writer retries an unanswered store itself (record_writer), with its own
+        # backoff and limit: MLflow's client should give up on a request within seconds
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     # Tune snapshots its experiment state whenever a trial has written num_to_keep checkpoints
     # (that is what makes resume exact) and warns when short trials do so often: expected here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     owns_ray = not ray.is_initialized()
     recorder: SweepRecorder | None = None
+    writer: RecordWriter | None = None
     stop = GracefulStop(experiment_dir / f"{STOP_FILE_PREFIX}{uuid.uuid4().hex[:12]}", grace_s)
     stop.activate()
     status = "KILLED"
@@ -254,18 +262,24 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
         _check_resources_fit(sweep, ray.nodes())
         prepare_sqlite_store(uri)  # created whole, or a half-created one said so
         recorder = _open_recorder(sweep, uri, experiment_dir, ray_results_exist)
+        writer = RecordWriter(recorder, {t.key: t for t in sweep.trials}, experiment_dir,
+                              on_give_up=stop.request)
+        if replayed := writer.replay():  # what an earlier launch could not record
+            say(f"recorded {replayed} event(s) an earlier launch of {sweep.name} had left")
         outcome = SweepOutcome(sweep.name, experiment_dir, uri, recorder.parent_id, can_restore)
         names = TrialNames({t.key: t.name for t in sweep.trials})
         tuner = _make_tuner(sweep, experiment_dir, uri, can_restore, names,
-                            [TrackingCallback(recorder, sweep.trials), stop], verbose)
+                            [TrackingCallback(writer), stop], verbose)
         with ctrl_c_handled_by(stop):
             results = tuner.fit()
         _collect(outcome, results, names)
         status = "FAILED" if outcome.failed else ("KILLED" if outcome.unfinished else "FINISHED")
     except BaseException:
-        _wind_up(stop, recorder, "KILLED", owns_ray, unwinding=True)
+        _wind_up(stop, recorder, writer, "KILLED", owns_ray, unwinding=True)
         raise
-    _wind_up(stop, recorder, status, owns_ray, unwinding=False)
+    _wind_up(stop, recorder, writer, status, owns_ray, unwinding=False)
+    if writer is not None and writer.gave_up:
+        outcome.tracking_gave_up = writer.gave_up
     return outcome
 
 
@@ -302,21 +316,29 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
             callbacks=callbacks, verbose=verbose))
 
 
-def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, status: str, owns_ray: bool,
-             *, unwinding: bool) -> None:
-    """Close the sweep's MLflow runs (none left RUNNING) and the Ray this launch started.
-    While an error or a Ctrl-C is on its way out, a failure here is one warning line: the
-    error the user must see is that one (and the next launch closes the runs anyway)."""
+def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, writer: RecordWriter | None,
+             status: str, owns_ray: bool, *, unwinding: bool) -> None:
+    """Record what is left, close the sweep's MLflow runs (none left RUNNING) and the Ray
+    this launch started. While an error or a Ctrl-C is on its way out, a failure here is one
+    warning line: the error the user must see is that one (and the next launch closes the
+    runs anyway). A store that stayed away keeps its journal for the next launch."""
     import ray
 
     stop.close()
     try:
-        if recorder is not None and recorder.parent_id is not None:
+        recorded = writer is None or writer.flush(timeout=None if not unwinding else 30)
+        if writer is not None:
+            writer.close()
+        if recorder is not None and recorder.parent_id is not None and recorded:
             recorder.close_sweep(status)
+        elif writer is not None and writer.gave_up:
+            say(f"warning: {writer.gave_up}; what is not recorded yet is kept beside the sweep "
+                f"and recorded when the same command runs again")
     except Exception as exc:
         if not unwinding:
             raise
-        say(f"warning: could not mark the sweep's MLflow runs {status}: {error_line(str(exc))}")
+        say(f"warning: could not mark the sweep's MLflow runs {status}: "
+            f"{error_line(str(exc))}")
     finally:
         if owns_ray:
             ray.shutdown()

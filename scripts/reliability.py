@@ -8,6 +8,7 @@ and appends its result to docs/results/reliability.jsonl (docs/reliability.md ex
     python scripts/reliability.py crash           # an error, an OOM, NaN/inf posters, a NaN loss
     python scripts/reliability.py cluster         # ray start head + worker; kill the worker
     python scripts/reliability.py mlflow-server   # a tracking server + a headless browser
+    python scripts/reliability.py server-outage   # the tracking server away for a minute, then for good
     python scripts/reliability.py load --trials 200
 
 Every drill prints what it checked; the exit code is 0 only when every check passed.
@@ -320,7 +321,10 @@ def drill_cluster() -> bool:
     # `ray start --head` turns on Ray's token authentication (token in ~/.ray/auth_token);
     # the worker node and the driver must ask for it too
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
+    # both nodes keep their files (and so their processes' command lines) under the drill's
+    # folder: the drill stops exactly its own cluster, never another Ray on the machine
     head = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
+                           f"--temp-dir={folder / 'head-tmp'}",
                            "--include-dashboard=false", "--disable-usage-stats"],
                           capture_output=True, text=True, env=env)
     checks.check("ray start --head", head.returncode == 0, head.stderr[-300:])
@@ -350,6 +354,12 @@ def drill_cluster() -> bool:
         code = process.wait(timeout=900)
         checks.check("the sweep completes (exit 0)", code == 0, f"exit code {code}")
         runs = common_end_checks(checks, uri, "cluster", 8)
+        # launch --address joins the user's cluster and must leave it as it found it
+        alive = subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                               text=True, env=env)
+        checks.check("the user's cluster is still running after launch ends",
+                     alive.returncode == 0, f"`ray status` exit {alive.returncode}"
+                     + ("" if alive.returncode == 0 else f": {alive.stderr[-300:]}"))
         retried = [r for r in runs if "podd.retries" in r.data.tags]
         # every attempt's node, in order (tag podd.nodes; the node_id param keeps the first)
         attempts = {r.info.run_name: r.data.tags.get("podd.nodes", "").split() for r in retried}
@@ -370,7 +380,7 @@ def drill_cluster() -> bool:
                      f"{len(stranded)} of the dead node's not; dead {checks.facts['dead']}, "
                      f"attempts {checks.facts['retried']}")
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+        _stop_processes_under(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return checks.record("python scripts/reliability.py cluster")
 
@@ -391,6 +401,17 @@ def _processes(name: str) -> list[tuple[int, str]]:
             if name in cmd.split(" ")[0]:
                 out.append((int(entry.name), cmd))
     return out
+
+
+def _stop_processes_under(folder: Path) -> None:
+    """SIGKILL the processes whose command line names `folder` (a drill's own Ray nodes: their
+    GCS, raylets and helpers; their workers exit with their raylet). `ray stop` would stop
+    every Ray of the machine, a user's running sweep included."""
+    for pid, _ in [p for p in _processes("") if str(folder) in p[1]]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def free_port() -> int:
@@ -517,7 +538,7 @@ def drill_load(trials: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("drill", choices=["killed-driver", "kill-anytime", "ctrl-c", "crash",
-                                          "cluster", "mlflow-server", "load"])
+                                          "cluster", "mlflow-server", "server-outage", "load"])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--screenshots", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
@@ -528,6 +549,10 @@ def main() -> None:
         from reliability_kill import drill_kill_anytime
 
         ok = drill_kill_anytime()
+    elif args.drill == "server-outage":
+        from reliability_server import drill_server_outage
+
+        ok = drill_server_outage()
     elif args.drill == "crash":
         ok = drill_crash()
     elif args.drill == "cluster":

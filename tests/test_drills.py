@@ -11,7 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drill", ["killed-driver", "kill-anytime", "crash", "ctrl-c"])
+@pytest.mark.parametrize("drill", ["killed-driver", "kill-anytime", "crash", "ctrl-c",
+                                   "server-outage", "cluster"])
 def test_drill_passes(drill, tmp_path, monkeypatch):
     monkeypatch.setenv("PODD_RELIABILITY_RESULTS", str(tmp_path / "results.jsonl"))
     done = subprocess.run([sys.executable, str(SCRIPT), drill], capture_output=True, text=True,

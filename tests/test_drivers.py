@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.driver_lock import DriverLock, SweepRunning
+from orchestrator.driver_lock import STALE_S, DriverLock, SweepRunning
 
 CLI = str(Path(sys.executable).with_name("podd-sweep"))
 
@@ -62,6 +62,21 @@ def test_the_lock_is_taken_once_and_a_dead_holders_lock_is_free(tmp_path):
     again.acquire()
     assert json.loads(lock.read_text())["token"] == again.token
     again.release()
+
+
+def test_another_hosts_lock_is_free_only_once_its_holder_stopped_refreshing_it(tmp_path):
+    """Another machine on the same storage: its process cannot be asked, so the lock's age
+    tells (the holder refreshes it every REFRESH_S)."""
+    lock = tmp_path / ".s.launch.lock"
+    lock.write_text(json.dumps({"token": "x", "host": "elsewhere", "pid": 1, "since": "then"}))
+    with pytest.raises(SweepRunning, match="process 1 on elsewhere since then"):
+        DriverLock(tmp_path, "s").acquire()
+    old = time.time() - STALE_S - 5
+    os.utime(lock, (old, old))
+    taker = DriverLock(tmp_path, "s")
+    taker.acquire()
+    assert json.loads(lock.read_text())["token"] == taker.token
+    taker.release()
 
 
 def test_a_second_driver_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):

@@ -254,3 +254,30 @@ def test_a_half_created_store_is_rebuilt_when_empty_and_refused_with_runs(tmp_pa
                                         r"holds 2 run\(s\): back it up, then run `mlflow db"):
         prepare_sqlite_store(f"sqlite:///{kept}")
     assert kept.read_bytes() == before  # nothing recorded is touched
+
+
+def test_a_write_retried_after_the_store_failed_is_recorded_once(tmp_path, monkeypatch):
+    """The background writer retries an event whose write failed (the store was away): the
+    retry must record it (a step is taken only once its write succeeded) and only once."""
+    spec, (trial, _) = one_trial(tmp_path)
+    recorder = open_recorder(tmp_path, spec, [trial])
+    recorder.trial_started(trial)
+    recorder.trial_result(trial.key, report(STEP, 2, {"loss": 1.0}))
+    real_log_batch, failures = recorder.client.log_batch, []
+
+    def away_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise ConnectionError("Connection refused")
+        return real_log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(recorder.client, "log_batch", away_once)
+    event = report(STEP, 4, {"loss": 0.5})
+    try:
+        recorder.trial_result(trial.key, event)
+    except ConnectionError:
+        recorder.trial_result(trial.key, event)  # the writer's retry
+    recorder.trial_result(trial.key, event)  # replayed again after a kill: nothing added
+    history = MlflowClient(recorder.tracking_uri).get_metric_history(recorder.runs[trial.key],
+                                                                     "loss")
+    assert failures and [(m.step, m.value) for m in history] == [(2, 1.0), (4, 0.5)]
