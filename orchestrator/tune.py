@@ -295,14 +295,18 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not (experiment_dir / SWEEP_STATE).exists():  # a new sweep, or a state file deleted
         write_sweep_state(sweep, experiment_dir, tracking_uri)
+    # Tune does not save the param space in tuner.pkl: a restore without it, of a driver
+    # killed after tuner.pkl was written but before any trial was, generates one trial with
+    # an empty config. Given again, it is used only where no searcher state was saved.
+    param_space = {"trial": tune.grid_search(list(payloads))}
     if can_restore:
         # the restored experiment brings back its pickled callbacks, which unpickle as the ones
         # of this launch (same sweep, same store: _check_resumable)
-        return tune.Tuner.restore(str(experiment_dir), trainable,
+        return tune.Tuner.restore(str(experiment_dir), trainable, param_space=param_space,
                                   resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(list(payloads))},
+        param_space=param_space,
         # a worker process runs trial after trial: torch and the engine are imported, and the
         # data set mapped, once per slot rather than once per trial
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.spec.max_concurrent,

@@ -441,3 +441,27 @@ def test_evaluations_during_distillation_are_recorded_at_their_steps(tmp_path):
     assert [m.step for m in history] == [3, 6]
     assert all(0 <= m.value <= 1 for m in history)
     assert run.data.metrics["test_accuracy"] == history[-1].value  # the final one is the figure
+
+def test_a_driver_killed_before_any_trial_was_saved_resumes_every_trial(tmp_path):
+    """Tune writes tuner.pkl when the Tuner is made, before any trial is saved, and keeps no
+    param space in it: a launch killed in between must still run the whole grid next time
+    (once it ran a single trial with an empty config: KeyError 'trial')."""
+    from orchestrator.interrupt import GracefulStop
+    from orchestrator.record_writer import RecordWriter
+    from orchestrator.tracking import TrackingCallback
+    from orchestrator.tune import TrialNames, _make_tuner
+
+    sweep = sweep_of(write_spec(tmp_path, "early", "ipc: [0.5, 1.0]\nseeds: [0]\n"))
+    experiment_dir = sweep.storage_path() / sweep.name
+    names = TrialNames({t.key: t.name for t in sweep.trials})
+    # the callbacks a launch makes (pickled into tuner.pkl; restored as the next launch's)
+    writer = RecordWriter(None, {}, tmp_path, on_give_up=print)
+    _make_tuner(sweep, experiment_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", False, names,
+                [TrackingCallback(writer), GracefulStop(experiment_dir / ".stop", 5.0)], 0)
+    assert (experiment_dir / "tuner.pkl").exists()
+    assert not list(experiment_dir.glob("experiment_state*"))  # killed here
+    outcome = launch(sweep, verbose=0)
+    assert outcome.resumed and len(outcome.states) == 2
+    assert set(outcome.states.values()) == {"FINISHED"}
+    client, parent, trials = runs_of(tmp_path, "early")
+    assert set(trials) == {t.key for t in sweep.trials}
