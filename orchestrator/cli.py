@@ -31,10 +31,12 @@ app = typer.Typer(
     help="Sweeps of Poster Dataset Distillation (PoDD) on Ray Tune, recorded in MLflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode="markdown",  # paragraphs reflow; [brackets] stay text
+    add_completion=True,  # --install-completion / --show-completion for the user's shell
 )
 datasets_app = typer.Typer(help="List data sets, or fill the decoded-tensor cache.",
-                           invoke_without_command=True)
+                           invoke_without_command=True,
+                           epilog="Example: `podd-sweep datasets --json`")
 app.add_typer(datasets_app, name="datasets")
 
 # Piped output (logs, CI) gets room for the trial tables rather than rich's 80 columns.
@@ -43,13 +45,36 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 USER_ERROR_EXIT_CODE = 2
 
+# Defaults and environment variables are given to typer (envvar/show_default), which shows
+# them escaped: text in [brackets] inside a help string is rich markup and would vanish.
 DataRootOption = Annotated[Optional[Path], typer.Option(
-    "--data-root", help="Folder holding downloaded data sets [env PODD_DATA_ROOT, default ./data]")]
+    "--data-root", help="Folder holding downloaded data sets.", envvar="PODD_DATA_ROOT",
+    show_default="./data")]
 CacheDirOption = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", help="Decoded-tensor cache [env PODD_CACHE_DIR, default ~/.cache/podd-sweep]")]
+    "--cache-dir", help="Decoded-tensor cache.", envvar="PODD_CACHE_DIR",
+    show_default="~/.cache/podd-sweep")]
 TrackingUriOption = Annotated[Optional[str], typer.Option(
-    "--tracking-uri", help="MLflow store [env MLFLOW_TRACKING_URI, else the spec's, else "
-                           "sqlite:///mlflow.db in this folder]")]
+    "--tracking-uri", help="MLflow store (else the spec's tracking_uri).",
+    envvar="MLFLOW_TRACKING_URI", show_default="sqlite:///mlflow.db in this folder")]
+
+
+def _flags_take_no_value() -> None:
+    """Typer's rich help gives every option a type column, flags too (`--dry-run <bool>`),
+    which reads as if the flag took a value; a flag has no type to show."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_podd_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._podd_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 
 @contextlib.contextmanager

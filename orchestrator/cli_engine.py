@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +16,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from orchestrator.cli import (CacheDirOption, DataRootOption, app, console, datasets_app,
-                              err_console, progress_bar, user_errors)
+from orchestrator.cli import (CacheDirOption, DataRootOption, TrackingUriOption, app, console,
+                              datasets_app, err_console, progress_bar, user_errors)
 from podd_engine.methods import get_method
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def _dataset_status(entry: data.DatasetEntry, data_root: Path | None,
     cache = data.dataset_cache_path(entry.name, data_root=data_root, cache_dir=cache_dir)
     row["cache"] = str(cache)
     row["status"] = "cached" if cache.exists() else "files present"
+    row["cache_bytes"] = cache.stat().st_size if cache.exists() else 0
     return row
 
 
@@ -50,28 +52,44 @@ def datasets_list(
     data_root: DataRootOption = None,
     cache_dir: CacheDirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    clear: Annotated[bool, typer.Option(
+        "--clear", help="Remove the cache's decoded data sets and preprocessing fits (they "
+                        "are rebuilt on next use).")] = False,
 ) -> None:
-    """List every registered data set, where its files are expected and whether it is cached."""
+    """List every registered data set, where its files are expected and whether it is cached,
+    and the cache's size."""
     from podd_engine import data
+    from podd_engine.dataset_cache import cache_contents, clear_cache
     if ctx.invoked_subcommand is not None:
+        return
+    cache_root = Path(cache_dir or data.default_cache_dir()).absolute()
+    if clear:
+        files, size = clear_cache(cache_root)
+        console.print(f"removed {files} cache file(s), {size / 1e6:.1f} MB, from {cache_root}")
         return
     with user_errors():
         rows = [_dataset_status(e, data_root, cache_dir) for e in data.list_datasets()]
     if as_json:
         console.print_json(json.dumps(rows))
         return
+    contents = cache_contents(cache_root)
     table = Table(title="podd-sweep data sets")
     for column in ("name", "description", "location", "status"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["name"], row["description"], row["location"], row["status"])
     console.print(table)
-    cache_root = cache_dir or data.default_cache_dir()
-    console.print(f"Decoded tensors are cached under {Path(cache_root).absolute() / 'datasets'}.")
+    (n, size), (pn, psize) = contents["datasets"], contents["preprocessing"]
+    console.print(f"Decoded tensors are cached under {cache_root / 'datasets'} ({n} file(s), "
+                  f"{size / 1e6:.1f} MB), fitted preprocessing under "
+                  f"{cache_root / 'preprocessing'} ({pn} file(s), {psize / 1e6:.1f} MB); "
+                  f"`podd-sweep datasets --clear` empties both.", highlight=False)
     console.print("Example: podd-sweep datasets prepare parquet:../shared/datasets/cifar10-jpeg")
 
 
-@datasets_app.command("prepare")
+@datasets_app.command("prepare",
+                      epilog=("Example: `podd-sweep datasets prepare "
+                              "parquet:../shared/datasets/cifar10-jpeg`"))
 def datasets_prepare(
     name: Annotated[str, typer.Argument(help="Registry name, e.g. cifar10 or parquet:PATH.")],
     data_root: DataRootOption = None,
@@ -103,15 +121,28 @@ def datasets_prepare(
 # --------------------------------------------------------------------------------------------
 
 def _parse_settings(pairs: list[str]) -> dict:
-    """--set key=value pairs (values read as YAML scalars: 3, 0.5, true, [1, 2], text)."""
-    import yaml
+    """--set key=value pairs (values read as YAML: 3, 0.5, true, [1, 2], text), parsed as the
+    sweep overrides are (orchestrator/overrides.py): an empty or malformed value is one line."""
+    from orchestrator.overrides import parse_override
+    from podd_engine.errors import UserError
 
     settings = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {pair!r} is not KEY=VALUE: write e.g. --set window=10")
-        settings[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            setting = parse_override(f"{key.strip().replace('-', '_')}={value}")
+        except UserError as exc:
+            raise ValueError(str(exc).replace("override ", "--set ", 1)
+                             .replace("or seeds=[0]", "or window=10")
+                             .replace(f"or {key.strip()}=null to use the default",
+                                      f"or leave {key.strip()} out for its default")
+                             ) from None
+        if len(setting.path) > 1 or setting.value is None:
+            raise ValueError(f"--set {pair!r}: give one setting of TrialConfig and a value, "
+                             f"e.g. --set window=10 (leave a setting out for its default)")
+        settings[setting.path[0]] = setting.value
     return settings
 
 
@@ -143,12 +174,15 @@ def step_progress(total: int, description: str) -> Iterator[Callable[..., None]]
         yield advance
 
 
-@app.command("distill")
+@app.command("distill",
+             epilog=("Example: `podd-sweep distill --dataset "
+                     "parquet:../shared/datasets/cifar10-jpeg --ipc 0.5 --preset cpu-small`"))
 def distill_command(
     dataset: Annotated[str, typer.Option(help="Data set: a registry name or parquet:PATH, ...")],
     ipc: Annotated[float, typer.Option(help="Images per class of pixel budget (e.g. 0.5).")],
     out: Annotated[Optional[Path], typer.Option(
-        help="Folder for the poster artifact [default: runs/METHOD-ipcK-CONFIGKEY]")] = None,
+        help="Folder for the poster artifact.",
+        show_default="runs/METHOD-ipcK-CONFIGKEY")] = None,
     preset: Annotated[Optional[str], typer.Option(help="paper | cpu-small")] = None,
     method: Annotated[Optional[str], typer.Option(help="podd | rat-bptt | random-real")] = None,
     class_grid: Annotated[Optional[str], typer.Option(help="Class grid COLSxROWS, e.g. 5x2.")] = None,
@@ -164,8 +198,21 @@ def distill_command(
     settings: Annotated[list[str], typer.Option("--set", help="Any other setting, KEY=VALUE.")] = [],
     data_root: DataRootOption = None,
     cache_dir: CacheDirOption = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print the resolved settings (the TrialConfig, as JSON) and "
+                               "exit.")] = False,
+    record_to: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="Also record the distillation in this MLflow store (e.g. "
+                               "sqlite:///mlflow.db), as a trial of the sweep 'distill': "
+                               "params, losses, poster pictures, accuracy, artifact.")] = None,
+    experiment: Annotated[str, typer.Option(
+        help="MLflow experiment, with --tracking-uri.")] = "podd-sweep",
 ) -> None:
-    """Distil a data set into one poster, evaluate it, and save the artifact (tensors, JSON, PNG)."""
+    """Distil a data set into one poster, evaluate it, and save the artifact (tensors, JSON, PNG).
+
+    Without --preset every setting not given is the paper's default (4000 outer steps, width
+    128, real batch 5000, 8 evaluation networks, CLIP): a GPU job; --preset cpu-small is the
+    CPU-sized one."""
     from podd_engine import data
     from podd_engine.allocator import tune_glibc_malloc
     from podd_engine.config import make_config
@@ -189,41 +236,82 @@ def distill_command(
                 raise ValueError(f"{key} is given twice (as an option and with --set): keep one")
         options = {k: v for k, v in options.items() if v is not None}
         config = make_config(preset, data_family=ds.family, **{**extra, **options})
+        if print_config:
+            print(json.dumps(config.to_dict(), indent=1))
+            return
+        if preset in (None, "none"):
+            err_console.print(
+                f"note: no --preset: the paper-scale defaults for what is not given "
+                f"({config.steps} outer steps, width {config.width}, real batch "
+                f"{config.real_batch}, {config.eval_models} evaluation networks, embedder "
+                f"{config.embedder}); --preset cpu-small for a CPU-sized run, --print-config "
+                f"shows every setting", highlight=False, soft_wrap=True)
         out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
         total = get_method(config.method).final_step(config.steps)
+        record = None
+        if record_to is not None:  # opened before the work: a bad store is one line first
+            from orchestrator.distill_record import DistillRecord
+
+            record = DistillRecord(record_to, experiment, config)
+
+        def on_step(metrics, _):
+            advance(metrics.step, metrics.loss, metrics.seconds)
+            if record is not None:
+                record.step(metrics)
+
         try:
             with step_progress(total, f"distil {config.method} {config.ipc:g} IPC") as advance:
                 result = distill(
-                    config, ds,
-                    on_step=lambda m, _: advance(m.step, m.loss, m.seconds),
+                    config, ds, on_step=on_step,
                     on_eval=lambda step, r: err_console.print(
                         f"step {step}: test accuracy {100 * r.mean():.2f} +- "
                         f"{100 * r.std():.2f} % over {len(r.accuracies)} models"))
         except NonFiniteError as exc:
+            if record is not None:
+                record.fail(exc)
             err_console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(1) from None
+        except BaseException as exc:
+            if record is not None:
+                record.interrupted() if isinstance(exc, KeyboardInterrupt) else record.fail(exc)
+            raise
         save_result(result, out)
+        if record is not None:
+            record.finish(result, total)
+            err_console.print(f"recorded in {record.uri} (experiment {experiment}, sweep "
+                              f"distill): run {record.run_id}", highlight=False)
     summary = result.summary()
     summary["artifact"] = str(out)
     console.print_json(json.dumps(summary))
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog="Example: `podd-sweep evaluate runs/podd-ipc0.5-KEY --models 3`")
 def evaluate_command(
-    artifact: Annotated[Path, typer.Argument(help="A poster artifact folder (distill --out).")],
+    artifact: Annotated[str, typer.Argument(
+        help="A poster artifact folder (distill --out), or the MLflow run id of a sweep "
+             "trial (its poster_artifact is fetched from --tracking-uri).",
+        metavar="ARTIFACT|RUN_ID")],
     models: Annotated[Optional[int], typer.Option(help="Networks to train (default: as recorded).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    tracking_uri: TrackingUriOption = None,
     data_root: DataRootOption = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Re-run the evaluation protocol on a saved poster."""
+    import tempfile
+
     from podd_engine.allocator import tune_glibc_malloc
     from podd_engine.artifact import load_artifact
     from podd_engine.pipeline import evaluate_artifact
 
     tune_glibc_malloc()
-    with user_errors():
-        saved = load_artifact(artifact)
+    with user_errors(), tempfile.TemporaryDirectory(prefix="podd-evaluate-") as scratch:
+        if models is not None and models < 1:
+            raise ValueError(f"--models must be at least 1, got {models}")
+        folder = Path(artifact)
+        if not folder.exists() and re.fullmatch(r"[0-9a-f]{32}", artifact):
+            folder = _run_artifact(artifact, tracking_uri, Path(scratch))
+        saved = load_artifact(folder)
         count = models or saved.config.eval_models
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err_console) as progress:
@@ -236,3 +324,26 @@ def evaluate_command(
     summary = result.summary()
     summary["artifact"] = str(artifact)
     console.print_json(json.dumps(summary))
+
+
+def _run_artifact(run_id: str, tracking_uri: str | None, into: Path) -> Path:
+    """A trial run's poster artifact, downloaded from its MLflow store (never creating one)."""
+    from orchestrator.store import check_local_store, mlflow_errors, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_local_store(uri)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    with mlflow_errors(uri):
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ValueError(f"no run {run_id} in {uri}: give a trial's run id (podd-sweep "
+                             f"status lists them) or --tracking-uri of its store") from None
+        listed = [a.path for a in client.list_artifacts(run_id)]
+        if "poster_artifact" not in listed:
+            raise ValueError(f"run {run_id} has no poster_artifact (it did not finish, or it "
+                             f"is a sweep's parent run): choose a finished trial's run")
+        return Path(client.download_artifacts(run_id, "poster_artifact", str(into)))

@@ -10,11 +10,13 @@ import typer
 from orchestrator.cli import TrackingUriOption, app, console, err_console, user_errors
 
 
-@app.command("report")
+@app.command("report",
+             epilog=("Example: `podd-sweep report --dataset cifar10 --where steps=300 --plot "
+                     "acc.png`"))
 def report_command(
     dataset: Annotated[Optional[list[str]], typer.Option(
         help="Data set(s) to report on, by family (cifar10 covers every copy of CIFAR-10) or "
-             "as the sweep wrote it [default: every data set in the store]")] = None,
+             "as the sweep wrote it.", show_default="every data set in the store")] = None,
     tracking_uri: TrackingUriOption = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
     sweep: Annotated[Optional[str], typer.Option(help="Only the runs of this sweep.")] = None,
@@ -57,6 +59,9 @@ def report_command(
                              "the terminal")
         if output is not None and output.is_dir():
             raise ValueError(f"--output {output} is a folder: give a file name")
+        if plot is not None and plot.is_dir():
+            raise ValueError(f"--plot {plot} is a folder: give a file name such as "
+                             f"{plot / 'accuracy.png'}")
         conditions = parse_where(where)
         rp.parse_baseline(baseline)
         if criterion not in rp.CRITERIA:

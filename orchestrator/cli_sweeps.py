@@ -14,15 +14,19 @@ from podd_engine.errors import first_line
 from podd_engine.methods import get_method
 
 
-def _load_checked_sweep(spec: Path):
-    """Parse, expand and check a sweep against its data sets (any problem: a SpecError)."""
+def _load_checked_sweep(spec: Path, overrides: list[str] | None = None, *,
+                        download: bool = True):
+    """Parse, expand and check a sweep (with its command-line overrides) against its data
+    sets (any problem: a SpecError). A dry run (`download=False`) downloads nothing."""
     from podd_engine import data
-    from orchestrator.spec import SpecError, load_sweep, parse_spec
+    from orchestrator.overrides import parse_overrides
+    from orchestrator.spec import SpecError, load_sweep, parse_spec, read_spec_text
 
     if not spec.is_file():
         raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "
                         f"sweeps/smoke.yaml")
-    parsed = parse_spec(spec.read_text(), str(spec))
+    overrides = parse_overrides(overrides or [])
+    parsed = parse_spec(read_spec_text(spec), str(spec), overrides)
     loaded: dict[str, data.ImageDataset] = {}
 
     def dataset_info(name: str) -> data.ImageDataset:
@@ -31,20 +35,24 @@ def _load_checked_sweep(spec: Path):
                 with progress_bar() as progress:
                     loaded[name] = data.create_dataset(name, data_root=parsed.data_root,
                                                        cache_dir=parsed.cache_dir,
-                                                       progress=progress)
+                                                       progress=progress, download=download)
             except data.DatasetError as exc:
                 datasets = parsed.dataset if isinstance(parsed.dataset, list) else [parsed.dataset]
                 where = (f"dataset[{datasets.index(name)}]" if len(datasets) > 1 and
                          name in datasets else "dataset")
-                raise SpecError(f"{spec}: {where}: {exc}") from None
+                hint = ("" if download or "no data at" not in str(exc) else
+                        " (a dry run downloads nothing: launch without --dry-run downloads "
+                        "it; a local copy: add the override dataset=parquet:PATH)")
+                raise SpecError(f"{spec}: {where}: {exc}{hint}") from None
         return loaded[name]
 
-    return load_sweep(spec, dataset_info=dataset_info)
+    return load_sweep(spec, dataset_info=dataset_info, overrides=overrides)
 
 
 def _embedder_problems(sweep) -> list[str]:
     """PoCO's text encoders must load on the driver before anything starts (missing CLIP
     weights would otherwise fail every trial)."""
+    from podd_engine.ordering import ClipWeightsError
     from podd_engine.pipeline import create_embedder
 
     problems, checked = [], set()
@@ -56,36 +64,64 @@ def _embedder_problems(sweep) -> list[str]:
         checked.add(which)
         try:
             create_embedder(c).embed(["check"])
-        except Exception as exc:  # the engine's message says how to provide the weights
+        except ClipWeightsError as exc:  # the ways out, as the spec's fields
+            problems.append(
+                f"{sweep.source}: class_order: poco with embedder clip: CLIP weights for "
+                f"{c.clip_model}/{c.clip_pretrained} are not available ({exc.reason}): set "
+                f"`settings: {{embedder: minilm}}` (ships offline; or add the override "
+                f"settings.embedder=minilm), `settings: {{clip_weights: PATH}}` (an open_clip "
+                f"checkpoint), or `class_order: random` (or identity)")
+        except Exception as exc:  # the engine's message says what is wrong
             problems.append(f"{sweep.source}: class_order: poco with embedder {c.embedder}: "
                             f"{first_line(exc)}")
     return problems
 
 
-def _trial_table(sweep) -> Table:
+def _trial_table(sweep, costs) -> Table:
+    from orchestrator.cost import duration
     from orchestrator.spec import short_dataset_name
 
     table = Table(title=f"sweep {sweep.name}: {len(sweep.trials)} trials", title_justify="left")
+    numeric = ("#", "IPC", "achieved", "seed", "outer steps", "est. time")
     for column in ("#", "method", "dataset", "IPC", "achieved", "poster", "patches", "order",
-                   "labels", "seed", "key"):
-        table.add_column(column, no_wrap=True,
-                         justify="right" if column in ("#", "IPC", "achieved", "seed") else "left")
-    for i, t in enumerate(sweep.trials):
+                   "labels", "seed", "outer steps", "unrolled/T", "evaluation", "est. time",
+                   "key"):
+        table.add_column(column, no_wrap=True, justify="right" if column in numeric else "left")
+    for i, (t, cost) in enumerate(zip(sweep.trials, costs.trials)):
         c, method = t.config, get_method(t.config.method)
         table.add_row(str(i), c.method, short_dataset_name(c.dataset), f"{c.ipc:g}",
                       f"{t.achieved_ipc:.3f}", f"{t.poster_size[0]}x{t.poster_size[1]}",
                       c.patch_grid if method.uses_patch_grid else "-",
-                      c.order if method.uses_order else "-", c.labels, str(c.seed), t.key)
+                      c.order if method.uses_order else "-", c.labels, str(c.seed),
+                      str(cost.outer_steps), cost.inner_steps, cost.eval_work,
+                      duration(cost.seconds), t.key)
     return table
 
 
-@app.command("launch")
+def _bill(sweep, costs) -> str:
+    """The sweep's total, with what the estimate rests on."""
+    slots = sweep.spec.max_concurrent or len(sweep.trials)
+    steps = sum(t.outer_steps for t in costs.trials)
+    return (f"estimated cost: {costs.trial_hours:.1f} trial-hours ({steps:,} outer steps in "
+            f"all); at {slots} at once at least {costs.wall_hours(slots):.1f} h wall "
+            f"(estimated from {costs.source()}; docs/benchmarks.md, 'Cost estimate')")
+
+
+@app.command("launch", epilog="Example: `podd-sweep launch sweeps/smoke.yaml seeds=[0] --dry-run`")
 def launch_command(
-    spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. sweeps/smoke.yaml.")],
+    spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. sweeps/smoke.yaml.",
+                                         metavar="SPEC")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Spec overrides KEY=VALUE (dotted keys reach into mappings, values are YAML), "
+             "e.g. seeds=[0] settings.steps=300 dataset=parquet:PATH.",
+        metavar="KEY=VALUE", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trials; start nothing.")] = False,
+    print_spec: Annotated[bool, typer.Option(
+        "--print-spec", help="Print the resolved spec (the file with the overrides applied, "
+                             "as YAML) and exit.")] = False,
     address: Annotated[Optional[str], typer.Option(
-        help="Ray cluster to join ('auto' or HOST:PORT) [env RAY_ADDRESS; default: a local "
-             "Ray with this machine's cores]")] = None,
+        help="Ray cluster to join ('auto' or HOST:PORT).", envvar="RAY_ADDRESS",
+        show_default="a local Ray with this machine's cores")] = None,
     tracking_uri: TrackingUriOption = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Require an interrupted sweep of this name to continue (by default "
@@ -100,7 +136,10 @@ def launch_command(
         from orchestrator.spec import SpecError  # imports torch: seconds a Ctrl-C can land in
 
         with user_errors():
-            sweep = _load_checked_sweep(spec)
+            if print_spec:
+                _print_resolved_spec(spec, overrides)
+                return
+            sweep = _load_checked_sweep(spec, overrides, download=not dry_run)
             problems = _embedder_problems(sweep)
             if problems and not dry_run:
                 raise SpecError(problems[0])
@@ -108,13 +147,17 @@ def launch_command(
             if dry_run:
                 for problem in problems:
                     err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
-                console.print(_trial_table(sweep))
+                from orchestrator.cost import sweep_cost
+
+                costs = sweep_cost(sweep)
+                console.print(_trial_table(sweep, costs))
                 console.print(f"{len(sweep.trials)} trials, each {resources.cpu:g} CPU + "
                               f"{resources.gpu:g} GPU; at most "
                               f"{sweep.spec.max_concurrent or 'as many as fit'} at once; "
                               f"MLflow: {sweep.tracking_uri(tracking_uri)} "
                               f"(experiment {sweep.spec.experiment}); Ray results: "
                               f"{sweep.storage_path() / sweep.name}")
+                console.print(_bill(sweep, costs), highlight=False)
                 return
             from orchestrator.tune import launch
             outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
@@ -128,6 +171,27 @@ def launch_command(
         raise typer.Exit(1)
     if outcome.unfinished or outcome.tracking_gave_up:
         raise typer.Exit(130)
+
+
+def _print_resolved_spec(spec: Path, overrides: list[str] | None) -> None:
+    """The spec as it would run, validated down to each trial's settings (no data set is
+    loaded: what depends on one, such as the poster geometry, is checked by --dry-run)."""
+    import yaml
+
+    from orchestrator.overrides import describe, parse_overrides
+    from orchestrator.spec import (SpecError, expand, parse_spec, read_spec_mapping,
+                                   read_spec_text)
+
+    if not spec.is_file():
+        raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "
+                        f"sweeps/smoke.yaml")
+    parsed = parse_overrides(overrides or [])
+    text = read_spec_text(spec)
+    source = f"{spec} (with {describe(parsed)})" if parsed else str(spec)
+    expand(parse_spec(text, str(spec), parsed), source=source)
+    resolved = read_spec_mapping(text, str(spec), parsed)
+    header = f"# {spec}" + (f" with {describe(parsed)}" if parsed else "")
+    print(header + "\n" + yaml.safe_dump(resolved, sort_keys=False), end="")
 
 
 def _print_outcome(outcome) -> None:
@@ -155,10 +219,52 @@ def _print_outcome(outcome) -> None:
                           highlight=False, soft_wrap=True)
 
 
+@app.command("stop", epilog="Example: `podd-sweep stop sweeps/smoke.yaml`")
+def stop_command(
+    sweep: Annotated[str, typer.Argument(
+        help="The sweep: its spec file, or its name (with --storage).", metavar="SPEC|NAME")],
+    storage: Annotated[Optional[Path], typer.Option(
+        help="The sweep's storage folder (the spec's `storage:`), when given by name.",
+        show_default="runs/ray")] = None,
+) -> None:
+    """Ask a running sweep to stop as a first Ctrl-C in its terminal would: its trials save a
+    checkpoint at their current step, then its `launch` exits 130. The same `launch` resumes
+    it. Works from any shell on the machine that runs the sweep."""
+    import os
+    import signal
+    import socket
+
+    from orchestrator.driver_lock import running_driver
+    from orchestrator.spec import DEFAULT_STORAGE, parse_spec, read_spec_text
+
+    with user_errors():
+        if Path(sweep).is_file():
+            spec = parse_spec(read_spec_text(Path(sweep)), sweep)
+            name, folder = spec.name, Path(spec.storage).expanduser().resolve()
+        else:
+            name, folder = sweep, Path(storage or DEFAULT_STORAGE).expanduser().resolve()
+        holder = running_driver(folder, name)
+        if holder is None:
+            raise ValueError(f"sweep {name} is not running: no live driver holds "
+                             f"{folder / f'.{name}.launch.lock'} (give the spec file, or "
+                             f"--storage with the sweep's storage folder)")
+        if holder.get("host") != socket.gethostname():
+            raise ValueError(f"sweep {name} runs on {holder.get('host')} (process "
+                             f"{holder.get('pid')}): run `podd-sweep stop` there")
+        try:
+            os.kill(int(holder["pid"]), signal.SIGINT)  # the driver's graceful stop
+        except ProcessLookupError:
+            raise ValueError(f"sweep {name}: its driver (process {holder['pid']}) has just "
+                             f"ended") from None
+    console.print(f"asked sweep {name} (process {holder['pid']}) to stop: its trials save a "
+                  f"checkpoint, then its launch exits 130; launch it again to resume",
+                  highlight=False)
+
+
 STATUS_ROWS = 40  # longer sweeps show their unfinished and best trials unless --all
 
 
-@app.command("status")
+@app.command("status", epilog="Example: `podd-sweep status smoke`")
 def status_command(
     sweep: Annotated[Optional[str], typer.Argument(help="Sweep name (default: all sweeps).")] = None,
     tracking_uri: TrackingUriOption = None,
@@ -166,12 +272,19 @@ def status_command(
     all_trials: Annotated[bool, typer.Option(
         "--all", help=f"List every trial (a sweep of more than {STATUS_ROWS} shows the "
                       f"unfinished ones and the 10 best finished).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON (every sweep, its counts and every trial) instead.")] = False,
 ) -> None:
     """Trials of a sweep by state, with their best test accuracy so far (from MLflow)."""
+    import json
+
     from orchestrator.status import sweep_status
 
     with user_errors():
         sweeps = sweep_status(tracking_uri, experiment, sweep)
+    if as_json:
+        print(json.dumps([entry.to_dict() for entry in sweeps], indent=1))
+        return
     for entry in sweeps:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(entry.counts.items()))
         shown = (entry.trials if all_trials or len(entry.trials) <= STATUS_ROWS
@@ -190,18 +303,22 @@ def status_command(
             console.print(f"{hidden} more finished trials not shown (--all lists every one)")
 
 
-@app.command("ui")
+@app.command("ui", epilog="Example: `podd-sweep ui --port 5000`")
 def ui_command(
     tracking_uri: TrackingUriOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    workers: Annotated[int, typer.Option(
+        help="Server worker processes (MLflow's default is 4; one answers in seconds and "
+             "serves one person).", min=1)] = 1,
 ) -> None:
-    """Start the MLflow UI on the sweep store (open http://HOST:PORT in a browser)."""
+    """Start the MLflow UI on the sweep store (open http://HOST:PORT in a browser). A folder
+    without a store is refused: the UI would create and serve an empty one."""
     import importlib.util
     import os
     import sys
 
-    from orchestrator.store import resolve_tracking_uri
+    from orchestrator.store import check_local_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     with user_errors():
@@ -211,8 +328,9 @@ def ui_command(
         if uri.startswith(("http://", "https://")):
             raise ValueError(f"--tracking-uri {uri} is a tracking server: open it in a browser "
                              f"directly, it already serves the UI")
+        check_local_store(uri)  # says where the store was expected, and --tracking-uri
     err_console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
     # this interpreter's mlflow, not whichever `mlflow` is first on PATH (podd-sweep may run
     # from a virtual environment that is not activated)
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                              "--host", host, "--port", str(port)])
+                              "--host", host, "--port", str(port), "--workers", str(workers)])

@@ -118,3 +118,13 @@ class DriverLock:
             self._thread.join(timeout=2 * REFRESH_S)
         if (self._holder() or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+
+def running_driver(storage: Path, sweep: str) -> dict | None:
+    """The live driver of `sweep` (host, pid, since) from its lock, or None when no driver
+    holds it (no lock, or a dead driver's)."""
+    lock = DriverLock(storage, sweep)
+    holder = lock._holder()
+    if holder is None or lock._stale(holder):
+        return None
+    return holder

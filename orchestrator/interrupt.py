@@ -172,9 +172,14 @@ def ctrl_c_handled_by(stop: GracefulStop) -> Iterator[None]:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
 
 
-def stop_grace_s() -> float:
-    value = os.environ.get(STOP_GRACE_ENV)
+def seconds_from_env(name: str, default: float) -> float:
+    """A duration from environment variable `name` (one error line when it is not a number)."""
+    value = os.environ.get(name)
     try:
-        return float(value) if value else DEFAULT_STOP_GRACE_S
+        return float(value) if value else default
     except ValueError:
-        raise SpecError(f"{STOP_GRACE_ENV}: {value!r} is not a number of seconds") from None
+        raise SpecError(f"{name}: {value!r} is not a number of seconds") from None
+
+
+def stop_grace_s() -> float:
+    return seconds_from_env(STOP_GRACE_ENV, DEFAULT_STOP_GRACE_S)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.interrupt import say
+from orchestrator.interrupt import say, seconds_from_env
 from orchestrator.protocol import ARTIFACT_DIR, POSTER_PNG
 from podd_engine.errors import UserError, first_line
 
@@ -35,11 +35,7 @@ _TRANSIENT = ("connection", "max retries", "timed out", "timeout", "temporarily"
 
 
 def grace_s() -> float:
-    value = os.environ.get(GRACE_ENV)
-    try:
-        return float(value) if value else DEFAULT_GRACE_S
-    except ValueError:
-        raise UserError(f"{GRACE_ENV}: {value!r} is not a number of seconds") from None
+    return seconds_from_env(GRACE_ENV, DEFAULT_GRACE_S)
 
 
 def transient(error: BaseException) -> bool:

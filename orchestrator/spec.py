@@ -29,13 +29,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
+from orchestrator.overrides import Override, describe, parse_override, parse_overrides
+from orchestrator.spec_file import SpecError, read_spec_mapping, read_spec_text  # noqa: F401
 from orchestrator.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, absolute_tracking_uri
 from podd_engine.config import LABEL_MODES, ORDERINGS, TrialConfig, make_config, parse_grid
 from podd_engine.errors import UserError
@@ -48,10 +50,6 @@ if TYPE_CHECKING:
 AXES = {"dataset": "dataset", "method": "method", "ipc": "ipc", "patch_grid": "patch_grid",
         "class_order": "order", "labels": "labels", "seeds": "seed"}
 DEFAULT_STORAGE = "runs/ray"
-
-
-class SpecError(UserError):
-    """A sweep spec that cannot run; the message starts with the field path."""
 
 
 def _check_setting_names(settings: dict[str, Any]) -> None:
@@ -88,7 +86,15 @@ class Resources(BaseModel):
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share a GPU")
 
 
-Positive = Annotated[float, Field(gt=0)]
+def _not_a_bool(value):
+    # YAML's true/false would pass as 1/0: a number must be written as one
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a number, not the boolean {value!r}")
+    return value
+
+
+Positive = Annotated[float, BeforeValidator(_not_a_bool), Field(gt=0, allow_inf_nan=False)]
+Seed = Annotated[int, BeforeValidator(_not_a_bool)]
 GridText = Annotated[str, BeforeValidator(_grid_text)]
 def _known_method(value: str) -> str:
     """A registered method (checked when the spec is read, so a method registered at run time
@@ -119,7 +125,7 @@ class AxisValues(BaseModel):
     patch_grid: _one_or_more(GridText) = None
     class_order: _one_or_more(Order) = None
     labels: _one_or_more(Labels) = None
-    seeds: _one_or_more(int) = None
+    seeds: _one_or_more(Seed) = None
 
     @field_validator("patch_grid", mode="before")
     @classmethod
@@ -214,6 +220,7 @@ class PlannedTrial:
     origin: dict[str, str]  # axis -> field path in the spec (for error messages)
     achieved_ipc: float = 0.0
     poster_size: tuple[int, int] = (0, 0)
+    images: int = 0  # training images (patches) the poster yields; 0: not checked on data
 
     @property
     def key(self) -> str:
@@ -239,6 +246,15 @@ class Sweep:
     spec: SweepSpec
     source: str  # the file it came from
     trials: list[PlannedTrial]
+    overrides: tuple[str, ...] = ()  # the command line's key=value, as given
+    resolved: dict[str, Any] | None = None  # the file's mapping with the overrides applied
+
+    def resolved_text(self) -> str:
+        """The spec that runs, as YAML (the file's own text when nothing was overridden)."""
+        if not self.overrides or self.resolved is None:
+            return Path(self.source).read_text()
+        return (f"# {self.source} with {' '.join(self.overrides)}\n"
+                + yaml.safe_dump(self.resolved, sort_keys=False))
 
     @property
     def name(self) -> str:
@@ -294,21 +310,18 @@ def _pydantic_message(error: ValidationError, source: str) -> str:
     return f"{source}: {path}: {message}"
 
 
-def parse_spec(text: str, source: str = "<spec>") -> SweepSpec:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{source}:{where} is not valid YAML: "
-                        f"{getattr(exc, 'problem', None) or exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a sweep spec is a YAML mapping with at least name, dataset "
-                        f"and ipc; got {type(raw).__name__}")
+def parse_spec(text: str, source: str = "<spec>",
+               overrides: Sequence[Override] = ()) -> SweepSpec:
+    """Validate a spec (with `overrides`, errors name the spec as given with them)."""
+    raw = read_spec_mapping(text, source, overrides)
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_pydantic_message(exc, source)) from None
+        raise SpecError(_pydantic_message(exc, _with_overrides(source, overrides))) from None
+
+
+def _with_overrides(source: str, overrides: Sequence[Override]) -> str:
+    return f"{source} (with {describe(overrides)})" if overrides else source
 
 
 def _combinations(spec: SweepSpec) -> list[tuple[dict[str, Any], dict[str, str]]]:
@@ -386,17 +399,29 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
             raise SpecError(f"{source}: {where}: {exc}") from None
         trial = PlannedTrial(config, origin,
                              round(geometry.achieved_ipc, 4) if geometry else 0.0,
-                             tuple(geometry.poster_size) if geometry else (0, 0))
+                             tuple(geometry.poster_size) if geometry else (0, 0),
+                             geometry.patch_grid[0] * geometry.patch_grid[1] if geometry else 0)
         trials.setdefault(trial.key, trial)
     return list(trials.values())
 
 
 def load_sweep(path: str | os.PathLike, *,
-               dataset_info: Callable[[str], "ImageDataset"] | None = None) -> Sweep:
-    """Read, validate and expand a sweep file (SpecError on any problem)."""
+               dataset_info: Callable[[str], "ImageDataset"] | None = None,
+               overrides: Sequence[str | Override] = ()) -> Sweep:
+    """Read, validate and expand a sweep file, with command-line `overrides` (`key=value`;
+    orchestrator/overrides.py) applied first (SpecError on any problem)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"no sweep spec at {path}: give the path of a YAML file such as "
                         f"sweeps/smoke.yaml")
-    spec = parse_spec(path.read_text(), str(path))
-    return Sweep(spec, str(path), expand(spec, source=str(path), dataset_info=dataset_info))
+    try:
+        parsed = [o if isinstance(o, Override) else parse_override(o) for o in overrides]
+        parsed = parse_overrides([o.text for o in parsed]) if parsed else []
+    except UserError as exc:
+        raise SpecError(str(exc), field=exc.field) from None
+    text = read_spec_text(path)
+    resolved = read_spec_mapping(text, str(path), parsed)
+    spec = parse_spec(text, str(path), parsed)
+    source = _with_overrides(str(path), parsed)
+    return Sweep(spec, str(path), expand(spec, source=source, dataset_info=dataset_info),
+                 overrides=tuple(o.text for o in parsed), resolved=resolved)

@@ -5,6 +5,7 @@ Used by `podd-sweep status`; reads only, and never creates a store that is not t
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ class SweepStatus:
         if self.planned > len(self.trials):
             counts["NOT STARTED"] = self.planned - len(self.trials)
         return dict(counts)
+
+    def to_dict(self) -> dict:
+        """For `status --json`: the sweep, its counts and every trial."""
+        return {"sweep": self.name, "status": self.status, "planned": self.planned,
+                "counts": self.counts, "trials": [dataclasses.asdict(t) for t in self.trials]}
 
     def highlights(self, best: int = 10) -> list[TrialStatus]:
         """What a long sweep's status shows: every trial that has not finished (running, failed,

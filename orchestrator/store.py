@@ -339,3 +339,23 @@ def _sqlite_run_records(path: Path, experiment: str, role: str, sweep: str | Non
                     f"AND run_uuid IN ({chosen}) GROUP BY run_uuid", [key, *args]):
                 records[run_id].peaks[key] = float(value)
     return list(records.values())
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server (http/https URI) must answer its /health page within seconds, before
+    a sweep starts anything: otherwise one line naming it (MLflow's client would retry for
+    minutes, after Ray had started)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an older server without /health): MLflow will tell
+    except (OSError, ValueError) as exc:
+        reason = first_line(getattr(exc, "reason", None) or exc)
+        raise UserError(f"the MLflow tracking server {uri} does not answer ({reason}): start "
+                        f"it, check the address, or pass --tracking-uri sqlite:///mlflow.db "
+                        f"for a local store", field="tracking_uri") from None

@@ -33,7 +33,7 @@ from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handl
 from orchestrator.protocol import DIVERGED, ERROR, EVENT, FINAL, error_line, metrics_of
 from orchestrator.spec import PlannedTrial, SpecError, Sweep
 from orchestrator.record_writer import RecordWriter
-from orchestrator.store import prepare_sqlite_store
+from orchestrator.store import check_tracking_server, prepare_sqlite_store
 from orchestrator.tracking import RecordedSweep, SweepRecorder, TrackingCallback
 from orchestrator.trainable import make_trainable
 from podd_engine.errors import first_line
@@ -175,9 +175,13 @@ def _open_recorder(sweep: Sweep, tracking_uri: str, experiment_dir: Path,
     try:
         _check_recorded(sweep, recorder.recorded_sweep(), experiment_dir, ray_results_exist,
                         tracking_uri)
-        recorder.open_sweep(spec_text=Path(sweep.source).read_text(),
+        # the spec that runs: the file, or (with command-line overrides) the file's mapping
+        # with them applied, headed by both
+        recorder.open_sweep(spec_text=sweep.resolved_text(),
                             fingerprint=sweep.fingerprint(), trials=len(sweep.trials),
-                            params={"spec": sweep.source, "storage": str(experiment_dir)})
+                            params={"spec": sweep.source, "storage": str(experiment_dir),
+                                    **({"overrides": " ".join(sweep.overrides)}
+                                       if sweep.overrides else {})})
     except MlflowException as exc:
         raise SpecError(f"{sweep.source}: tracking_uri: cannot record the sweep in MLflow at "
                         f"{tracking_uri}: {error_line(str(exc))}") from None
@@ -227,6 +231,7 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     if (experiment_dir / SWEEP_STATE).exists():
         _check_resumable(sweep, read_sweep_state(sweep, experiment_dir / SWEEP_STATE), uri)
     ray_results_exist = experiment_dir.is_dir()
+    check_tracking_server(uri)  # in seconds, before Ray starts
     lock = DriverLock(sweep.storage_path(), sweep.name)  # one driver per sweep
     lock.acquire()
     try:

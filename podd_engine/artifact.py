@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from podd_engine.config import TrialConfig
-from podd_engine.errors import UserError
+from podd_engine.errors import UserError, first_line
 from podd_engine.fileio import atomic_write_bytes
 from podd_engine.labels import PosterLabels, create_labels
 from podd_engine.poster import PosterGeometry, evenly_spaced
@@ -89,8 +89,17 @@ def save_artifact(folder: str | os.PathLike, *, config: TrialConfig, geometry: P
                           "training_set_key": preprocessing_key},
         "metrics": metrics or {},
     }
+    metadata[METADATA_SHA] = _metadata_checksum(metadata)
     atomic_write_bytes(json.dumps(metadata, indent=2).encode(), folder / "poster.json")
     return folder
+
+
+METADATA_SHA = "metadata_sha256"  # of poster.json itself: its settings and results are sealed
+
+
+def _metadata_checksum(metadata: dict) -> str:
+    sealed = {k: v for k, v in metadata.items() if k != METADATA_SHA}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 
 def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
@@ -104,6 +113,14 @@ def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
     except ValueError as exc:
         raise ArtifactError(f"{meta_path} is not valid JSON ({exc}): the artifact is corrupt; "
                             f"re-run the distillation") from exc
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{meta_path} is not an artifact's metadata (a JSON object): the "
+                            f"artifact is corrupt; re-run the distillation")
+    # artifacts written before the metadata was sealed have no checksum and are taken as is
+    if METADATA_SHA in metadata and metadata[METADATA_SHA] != _metadata_checksum(metadata):
+        raise ArtifactError(f"{meta_path} was changed after the distillation wrote it (its "
+                            f"checksum does not match): its settings and results no longer "
+                            f"describe the poster; restore it or re-run the distillation")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{folder}: artifact format {metadata.get('format_version')} is not "
                             f"{FORMAT_VERSION}: upgrade podd-sweep or re-run the distillation")
@@ -112,11 +129,17 @@ def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
         raise ArtifactError(f"{tensor_path} does not match the checksum in poster.json: the file "
                             f"is truncated or corrupt; re-run the distillation")
     tensors = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    config = TrialConfig.from_dict(metadata["config"])
-    g = metadata["geometry"]
-    geometry = PosterGeometry(g["channels"], tuple(g["image_size"]), g["num_classes"],
-                              tuple(g["class_grid"]), tuple(g["patch_grid"]),
-                              tuple(g["poster_size"]), g.get("requested_ipc"))
+    try:
+        config = TrialConfig.from_dict(metadata["config"])
+        config.validate()
+        g = metadata["geometry"]
+        geometry = PosterGeometry(g["channels"], tuple(g["image_size"]), g["num_classes"],
+                                  tuple(g["class_grid"]), tuple(g["patch_grid"]),
+                                  tuple(g["poster_size"]), g.get("requested_ipc"))
+    except (KeyError, TypeError, ValueError) as exc:
+        what = f"lacks {exc}" if isinstance(exc, KeyError) else f"holds {first_line(exc)}"
+        raise ArtifactError(f"{meta_path} {what}: the artifact is corrupt; re-run the "
+                            f"distillation") from None
     order = tensors["class_order"]
     if metadata["label_mode"] == "learned":
         labels = create_labels("learned", geometry, order,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,8 +162,9 @@ class TrialConfig:
         positive = ("ipc", "steps", "total_inner_steps", "window", "distill_batch", "real_batch",
                     "real_chunk", "inner_lr", "lr", "eval_models", "width", "label_lr_scale")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise SettingError(f"{name} must be positive, got {getattr(self, name)}", name)
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise SettingError(f"{name} must be a positive finite number, got {value}", name)
         if self.window > self.total_inner_steps:
             raise SettingError(f"window ({self.window}) must not exceed total_inner_steps "
                                f"({self.total_inner_steps})", "window")

@@ -148,6 +148,7 @@ def _download(entry: DatasetEntry, name: str, root: Path, folder: Path) -> None:
 
     assert entry.download is not None
     spec = entry.download
+    created_root = not root.exists()  # removed again if the download fails (nothing left)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".extracting", dir=root))
     try:
@@ -167,6 +168,8 @@ def _download(entry: DatasetEntry, name: str, root: Path, folder: Path) -> None:
                            f"failed: {reason})") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_root and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
 
 
 def _missing_message(entry: DatasetEntry, name: str, folder: Path) -> str:

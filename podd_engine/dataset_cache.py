@@ -26,9 +26,12 @@ CACHED_FIELDS = ("train_images", "train_labels", "test_images", "test_labels", "
 
 
 def cache_file(entry_name: str, folder: Path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache file of a source folder as it is now (it changes when any file changes)."""
-    folder_hash = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
-    stem = f"{entry_name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', folder.name)}-{folder_hash}"
+    """The cache file of a source folder as it is now (it changes when any file changes).
+    Keyed by the folder's resolved path (`..` and links followed), so every path to the same
+    data (`../shared/x`, `/abs/shared/x`, a symlink) finds the same entry."""
+    resolved = Path(folder).resolve()
+    folder_hash = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    stem = f"{entry_name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', resolved.name)}-{folder_hash}"
     return (Path(cache_dir or default_cache_dir()) / "datasets"
             / f"{stem}-{_source_fingerprint(folder)}.pt")
 
@@ -69,3 +72,26 @@ def write_cache(path: Path, dataset: ImageDataset) -> None:
     for stale in path.parent.glob(f"{stem}-*.pt"):  # older fingerprints of the same source
         if stale != path:
             stale.unlink(missing_ok=True)
+
+
+def cache_contents(cache_dir: str | os.PathLike | None = None) -> dict[str, tuple[int, int]]:
+    """Per part of the cache (decoded data sets, fitted preprocessing): (files, bytes)."""
+    root = Path(cache_dir or default_cache_dir())
+    contents = {}
+    for part in ("datasets", "preprocessing"):
+        files = [p for p in (root / part).glob("*.pt") if p.is_file()]
+        contents[part] = (len(files), sum(p.stat().st_size for p in files))
+    return contents
+
+
+def clear_cache(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+    """Remove every cached data set and preprocessing fit; (files, bytes) removed. Only the
+    cache's own files (*.pt under its two parts) are touched."""
+    root = Path(cache_dir or default_cache_dir())
+    removed = (0, 0)
+    for part in ("datasets", "preprocessing"):
+        for path in (root / part).glob("*.pt"):
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            removed = (removed[0] + 1, removed[1] + size)
+    return removed

@@ -120,7 +120,38 @@ def given_order(grid: Sequence[Sequence[int]] | torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 class ClipWeightsError(OrderingError):
-    pass
+    """CLIP's weights cannot be had; `reason` says why, in a few words (the message adds the
+    ways out, by setting name: clip_weights, embedder, order)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message, field="embedder")
+        self.reason = reason
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers at all, asked once per process: an
+    offline machine then fails at once, quietly, instead of through the hub client's minute
+    of retries and warnings."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            _HUB_REACHABLE = False
+        else:
+            url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme ==
+                                                                     "https" else 80)),
+                                         timeout=timeout_s).close()
+                _HUB_REACHABLE = True
+            except OSError:
+                _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
 
 
 @dataclass
@@ -162,6 +193,9 @@ class ClipTextEmbedder:
                     raise FileNotFoundError(f"no file at {weights}")
                 model = open_clip.create_model(self.model_name, pretrained=str(weights),
                                                device=self.device, force_quick_gelu=quick_gelu)
+            elif not _hub_reachable():
+                raise ConnectionError("not cached, and the Hugging Face hub cannot be reached "
+                                      "from this machine")
             else:
                 model = open_clip.create_model(self.model_name, pretrained=self.pretrained,
                                                device=self.device, cache_dir=self.cache_dir,
@@ -170,10 +204,11 @@ class ClipTextEmbedder:
             reason = first_line(exc)
             raise ClipWeightsError(
                 f"CLIP weights for {self.model_name}/{self.pretrained} are not available "
-                f"({reason}): run once with internet access so open_clip caches them, or pass "
-                f"--clip-weights PATH to an open_clip checkpoint of {self.model_name} (e.g. "
-                f"open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai), or "
-                f"choose --order random|identity") from exc
+                f"({reason}): use the text encoder that ships offline (embedder minilm), give "
+                f"clip_weights PATH to an open_clip checkpoint of {self.model_name} (e.g. "
+                f"open_clip_model.safetensors from timm/vit_base_patch32_clip_224.openai), "
+                f"run once with internet access so open_clip caches them, or choose order "
+                f"random|identity", reason) from exc
         return model.eval(), open_clip.get_tokenizer(self.model_name)
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 from podd_engine.config import TrialConfig, default_class_grid
 from podd_engine.data import ImageDataset, create_dataset, with_declared_family
-from podd_engine.errors import SettingError
+from podd_engine.errors import GeometryError, SettingError
 from podd_engine.evaluate import EvalResult, evaluate_synthetic
 from podd_engine.labels import PosterLabels, create_labels
 from podd_engine.methods import get_method
@@ -106,6 +106,13 @@ def build_geometry(config: TrialConfig, dataset: ImageDataset) -> PosterGeometry
     common = dict(channels=dataset.channels, image_size=dataset.image_size,
                   num_classes=dataset.num_classes)
     method = get_method(config.method)
+    # a distilled set is smaller than the data: IPC (a pixel budget) is at most the data
+    # set's images per class (on average, as an unbalanced set has classes of any size)
+    per_class = len(dataset.train_labels) / dataset.num_classes
+    if per_class and config.ipc > per_class:
+        raise GeometryError(f"ipc {config.ipc:g} is more than the data set's {per_class:g} "
+                            f"training images per class: choose ipc at most {per_class:g}",
+                            "ipc")
     if method.geometry is not None:
         return method.geometry(config, dataset)
     if method.layout == "tiled":  # ipc images per class cell, no overlap

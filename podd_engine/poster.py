@@ -76,6 +76,13 @@ class PosterGeometry:
             raise GeometryError(f"ipc {ipc:g} gives a {ph}x{pw} poster, smaller than one {h}x{w} "
                                 f"image: raise ipc to at least {self.minimum_ipc():.2f} or "
                                 f"change class_grid", "ipc")
+        # more patch columns (rows) than the poster has pixels across (down) is no grid: the
+        # paper's own settings repeat a few start positions (16x6 at 0.3 IPC: 6 rows on 4),
+        # so only that is refused
+        if px > pw or py > ph:
+            raise GeometryError(f"patch_grid {px}x{py} has more patches across or down than "
+                                f"the {ph}x{pw} poster has pixels (at most {pw}x{ph}): choose a "
+                                f"smaller patch_grid", "patch_grid")
 
     @classmethod
     def for_ipc(cls, ipc: float, *, channels: int, image_size: tuple[int, int],

@@ -53,6 +53,11 @@ def test_prepare_fills_the_cache_and_reports(tmp_path):
     assert list((tmp_path / "cache" / "preprocessing").glob("zca-*.pt"))
     listed = {r["name"]: r for r in json.loads(run("datasets", "--json").stdout)}
     assert listed["digits"]["status"] == "files present"
+    shown = " ".join(run("datasets").stdout.split())
+    assert "(1 file(s)," in shown and "preprocessing" in shown
+    cleared = run("datasets", "--clear")
+    assert cleared.exit_code == 0 and cleared.stdout.startswith("removed 2 cache file(s)")
+    assert not list((tmp_path / "cache").rglob("*.pt"))
 
 
 def one_error_line(result) -> str:
@@ -102,6 +107,8 @@ def test_distill_then_evaluate_the_artifact(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2 and summary["achieved_ipc"] <= 0.6
+    # no --preset: said, with what that means for the settings not given
+    assert "note: no --preset: the paper-scale defaults" in " ".join(result.stderr.split())
     assert {p.name for p in out.iterdir()} == {"poster.pt", "poster.json", "poster.png"}
     again = run("evaluate", str(out), "--models", "1", "--device", "cpu")
     assert again.exit_code == 0, again.output
@@ -145,3 +152,99 @@ def test_launch_resume_with_nothing_to_resume_is_refused_before_ray_starts(tmp_p
     assert "there is no interrupted sweep 'fresh'" in result.output
     assert "run without --resume" in result.output
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray" / "fresh").exists()
+
+
+def test_ui_refuses_a_folder_without_a_store_and_creates_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run("ui")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: no MLflow store at {tmp_path / 'mlflow.db'}: run `podd-sweep launch SPEC` "
+        f"here first, or pass --tracking-uri"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_print_config_shows_the_resolved_settings_and_does_nothing(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("distill", "--dataset", "digits", "--ipc", "1", "--print-config")
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)
+    assert (config["steps"], config["width"], config["real_batch"]) == (4000, 128, 5000)
+    small = json.loads(run("distill", "--dataset", "digits", "--ipc", "1", "--preset",
+                           "cpu-small", "--set", "window=3", "--print-config").stdout)
+    assert (small["steps"], small["width"], small["window"]) == (300, 32, 3)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\ndataset: digits\nipc: 1\nclass_order: identity\n"
+                    f"patch_grid: 4x2\nsettings: {{width: 8, steps: 2}}\n"
+                    f"storage: {tmp_path / 'ray'}\n")
+    started = time.monotonic()
+    result = run("launch", str(spec), "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 30
+    assert one_error_line(result).startswith(
+        f"error: the MLflow tracking server http://127.0.0.1:{port} does not answer")
+    assert not (tmp_path / "ray").exists()
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--dataset", "digits", "--ipc", "1", "--set", "window=", "--print-config"],
+     "error: --set 'window=': no value after '='"),
+    (["distill", "--dataset", "digits", "--ipc", "1", "--set", "eval_steps=[1,2",
+      "--print-config"], "error: --set 'eval_steps=[1,2': '[1,2' is not a YAML value"),
+    (["distill", "--dataset", "digits", "--ipc", "inf", "--print-config"],
+     "error: ipc must be a positive finite number, got inf"),
+    (["distill", "--dataset", "digits", "--ipc", "1", "--eval-models", "0", "--print-config"],
+     "error: eval_models must be a positive finite number, got 0"),
+    (["evaluate", "nowhere", "--models", "0"], "error: --models must be at least 1, got 0"),
+    (["report", "--baseline", "150"], "error: --baseline must be an accuracy in % between 0"),
+])
+def test_bad_command_line_values_are_one_line_before_any_work(args, message, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert one_error_line(run(*args)).startswith(message)
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["cache"])  # the data-set cache only
+
+
+def test_a_plot_path_that_is_a_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plots").mkdir()
+    line = one_error_line(run("report", "--plot", "plots"))
+    assert line.startswith("error: --plot plots is a folder: give a file name")
+
+
+def test_distill_with_a_tracking_uri_is_recorded_like_a_sweep_trial(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run("distill", "--dataset", "digits", "--ipc", "0.6", "--steps", "20",
+                 "--eval-models", "1", "--out", str(tmp_path / "poster"), "--tracking-uri",
+                 uri, *TINY)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("podd-sweep")
+    (run_,) = client.search_runs([experiment.experiment_id], "tags.`podd.role` = 'trial'")
+    assert run_.info.status == "FINISHED" and run_.data.tags["podd.sweep"] == "distill"
+    summary = json.loads(result.stdout)
+    assert run_.data.metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert float(run_.data.params["achieved_ipc"]) == pytest.approx(summary["achieved_ipc"])
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "loss")] == [10, 20]
+    assert "poster_artifact" in [a.path for a in client.list_artifacts(run_.info.run_id)]
+    status = run("status", "distill", "--tracking-uri", uri, "--json")
+    assert json.loads(status.stdout)[0]["counts"] == {"FINISHED": 1}
+    # a store that cannot be used is one line before any work
+    bad = run("distill", "--dataset", "digits", "--ipc", "0.6", "--tracking-uri",
+              "http://127.0.0.1:9", "--out", str(tmp_path / "p2"), *TINY)
+    assert one_error_line(bad).startswith("error: the MLflow tracking server")
+    assert not (tmp_path / "p2").exists()

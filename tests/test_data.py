@@ -151,7 +151,11 @@ def test_cifar_download_with_bad_checksum_leaves_nothing_behind(tmp_path, monkey
     monkeypatch.setitem(data._REGISTRY, "cifar10", dataclasses.replace(entry, download=download))
     with pytest.raises(DatasetError, match="download from .* failed"):
         create_dataset("cifar10", data_root=tmp_path / "root")
-    assert list((tmp_path / "root").iterdir()) == []
+    assert not (tmp_path / "root").exists()  # the data root it created is gone too
+    (tmp_path / "mine").mkdir()  # a data root the user made stays, empty
+    with pytest.raises(DatasetError, match="download from .* failed"):
+        create_dataset("cifar10", data_root=tmp_path / "mine")
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 def test_missing_cifar_without_download_names_the_folder(tmp_path):
@@ -365,3 +369,27 @@ def test_bad_dataset_specs(spec, message):
 def test_missing_folder(tmp_path):
     with pytest.raises(DatasetError, match=r"no data at .*nowhere: expected train.parquet"):
         create_dataset(f"parquet:{tmp_path / 'nowhere'}")
+
+
+def test_every_path_to_the_same_data_finds_the_same_cache_entry(tmp_path, monkeypatch):
+    """The cache is keyed by the source's resolved path: a relative path, an absolute one with
+    `..`, and a symlink to the folder decode once and share one file."""
+    from podd_engine.data import create_dataset, dataset_cache_path
+    from podd_engine.dataset_cache import cache_contents, clear_cache
+
+    source = tmp_path / "data" / "tiny"
+    write_parquet_dataset(source)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(source)
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    specs = ["parquet:../data/tiny", f"parquet:{tmp_path}/elsewhere/../data/tiny",
+             f"parquet:{tmp_path / 'link'}"]
+    paths = {dataset_cache_path(s, cache_dir=cache) for s in specs}
+    assert len(paths) == 1
+    first = create_dataset(specs[0], cache_dir=cache)
+    for spec in specs[1:]:
+        again = create_dataset(spec, cache_dir=cache)
+        assert torch.equal(again.train_images, first.train_images)
+    assert cache_contents(cache)["datasets"][0] == 1
+    assert clear_cache(cache)[0] == 1 and cache_contents(cache)["datasets"] == (0, 0)

@@ -102,3 +102,24 @@ def test_a_second_driver_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
                               "tags.`podd.role` = 'trial'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert not lock.exists()  # released at the end
+
+
+def test_stop_asks_a_running_sweep_to_stop_gracefully_from_another_shell(tmp_path):
+    path = spec(tmp_path, steps=1500)
+    first = launch(path)
+    wait_for(lambda: list((tmp_path / "ray" / "two").glob("*/checkpoint_*")), 300,
+             "a first checkpoint")
+    stop = subprocess.run([CLI, "stop", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.startswith(f"asked sweep two (process {first.pid}) to stop")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, (out, err)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("podd-sweep").experiment_id],
+                              "tags.`podd.role` = 'trial'")
+    assert runs and {r.info.status for r in runs} <= {"KILLED", "FINISHED"}
+    again = subprocess.run([CLI, "stop", "two", "--storage", str(tmp_path / "ray")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("error: sweep two is not running")

@@ -183,8 +183,28 @@ def test_clip_token_states_match_the_official_hugging_face_call(tiny_clip, tmp_p
 
 def test_missing_clip_weights_say_how_to_provide_them(tmp_path):
     embedder = ClipTextEmbedder(weights=tmp_path / "missing.safetensors")
-    with pytest.raises(ClipWeightsError, match=r"--clip-weights PATH .* or choose --order"):
+    with pytest.raises(ClipWeightsError, match=r"embedder minilm.*clip_weights PATH.*order "
+                                               r"random\|identity"):
         create_class_ordering("poco", [str(i) for i in range(4)], (2, 2), embedder=embedder)
+
+
+def test_an_offline_machine_without_cached_clip_weights_fails_at_once_and_quietly(
+        tmp_path, monkeypatch, capfd):
+    """No hub retries, no warnings: one error naming the offline way out."""
+    import time
+
+    from podd_engine import ordering
+
+    monkeypatch.setattr(ordering, "_HUB_REACHABLE", None)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: offline
+    started = time.monotonic()
+    with pytest.raises(ClipWeightsError) as caught:
+        ClipTextEmbedder(cache_dir=str(tmp_path / "hub")).embed(["cat"])  # an empty cache
+    assert time.monotonic() - started < 10
+    assert "hub cannot be reached" in caught.value.reason
+    assert "embedder minilm" in str(caught.value)
+    captured = capfd.readouterr()
+    assert "retry" not in (captured.out + captured.err).lower()
 
 
 def test_minilm_embedder_works_offline_with_real_semantics(monkeypatch):

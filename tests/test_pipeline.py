@@ -115,6 +115,28 @@ def test_corrupt_artifact_is_detected(digits, tmp_path):
         load_artifact(tmp_path / "nothing")
 
 
+def test_an_edited_poster_json_is_refused_and_an_older_unsealed_one_is_checked(digits,
+                                                                              tmp_path):
+    save_result(distill(tiny(), digits, evaluate=False), tmp_path / "art")
+    meta_path = tmp_path / "art" / "poster.json"
+    sealed = json.loads(meta_path.read_text())
+    edited = {**sealed, "config": {**sealed["config"], "width": 16}}
+    meta_path.write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="was changed after the distillation wrote it"):
+        load_artifact(tmp_path / "art")
+    # an artifact from before the seal: loaded, but its settings are still validated
+    unsealed = {k: v for k, v in edited.items() if k != "metadata_sha256"}
+    meta_path.write_text(json.dumps(unsealed))
+    assert load_artifact(tmp_path / "art").config.width == 16
+    meta_path.write_text(json.dumps({**unsealed, "config": {**unsealed["config"],
+                                                            "ipc": "lots"}}))
+    with pytest.raises(ArtifactError, match="holds ipc must be a number"):
+        load_artifact(tmp_path / "art")
+    meta_path.write_text(json.dumps({k: v for k, v in unsealed.items() if k != "geometry"}))
+    with pytest.raises(ArtifactError, match="lacks 'geometry'"):
+        load_artifact(tmp_path / "art")
+
+
 def test_paper_preset_is_chosen_by_data_set_family_not_shape():
     config = make_config("paper", dataset="parquet:/x", data_family="cifar10", ipc=0.9)
     assert (config.patch_grid, config.distill_batch, config.real_batch, config.window,
@@ -133,7 +155,7 @@ def test_paper_preset_is_chosen_by_data_set_family_not_shape():
     (dict(labels="soft"), "labels must be one of fixed, learned"),
     (dict(method="rat-bptt", ipc=0.5), "ipc 0.5 is not a whole number"),
     (dict(window=9, total_inner_steps=4), r"window \(9\) must not exceed"),
-    (dict(steps=0), "steps must be positive"),
+    (dict(steps=0), "steps must be a positive finite number"),
 ])
 def test_bad_settings_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -64,6 +64,16 @@ def digits_info(name):
      "storage: must be a folder, got the URI 's3://bucket/ray'"),
     ("name: t\n  dataset: [\n", "is not valid YAML"),
     ("- just\n- a list\n", "a sweep spec is a YAML mapping"),
+    # issue 15's bad inputs: each once accepted, or a traceback
+    ("name: a\nname: b\ndataset: digits\nipc: 1\n",
+     "line 2: key 'name' is given twice (also on line 1): keep one"),
+    ("name: t\ndataset: digits\nipc: 1\nsettings: {width: 8, width: 16}\n",
+     "key 'width' is given twice"),
+    ("name: t\ndataset: digits\nipc: .inf\n", "ipc: Input should be a finite number"),
+    ("name: t\ndataset: digits\nipc: [0.5, .nan]\n", "ipc[1]: Input should be greater than 0 (got nan)"),
+    ("name: t\ndataset: digits\nipc: true\n", "ipc: Input should be a number, not the boolean"),
+    ("name: t\ndataset: digits\nipc: 1\nseeds: [0, false]\n",
+     "seeds[1]: Input should be a number, not the boolean False"),
 ])
 def test_bad_specs_name_the_field(text, message):
     with pytest.raises(SpecError) as error:
@@ -89,6 +99,15 @@ def test_bad_specs_name_the_field(text, message):
     ("name: t\ndataset: digits\nipc: 1\nschedules: [{window: 2, total_inner_steps: 4},"
      " {window: 9, total_inner_steps: 4}]\n",
      "schedules[1].window: window (9) must not exceed total_inner_steps (4)"),
+    ("name: t\ndataset: digits\nipc: 1e12\n",
+     "ipc: ipc 1e+12 is more than the data set's 143.8 training images per class"),
+    ("name: t\ndataset: digits\nipc: 1\npatch_grid: 100000x100000\n",
+     "patch_grid: patch_grid 100000x100000 has more patches across or down than the 16x40 "
+     "poster has pixels (at most 40x16)"),
+    ("name: t\ndataset: digits\nipc: 1\nsettings: {steps: .inf}\n",
+     "settings.steps: steps must be a whole number"),
+    ("name: t\ndataset: digits\nipc: 1\nsettings: {lr: .inf}\n",
+     "settings.lr: lr must be a positive finite number, got inf"),
 ])
 def test_impossible_combinations_are_found_before_anything_runs(text, message):
     with pytest.raises(SpecError, match=None) as error:
@@ -229,3 +248,12 @@ def test_missing_clip_weights_stop_launch_but_not_dry_run(tmp_path, monkeypatch)
     assert "error: s.yaml: class_order: poco with embedder clip" in result.stderr
     dry = runner.invoke(app, ["launch", "s.yaml", "--dry-run"])
     assert dry.exit_code == 0 and "warning: s.yaml: class_order: poco" in dry.stderr
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"name: t\ndataset: digits\nipc: 1\n# caf\xe9\n")
+    result = runner.invoke(app, ["launch", str(path), "--dry-run"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {path}: not UTF-8 text (byte 0xe9 at offset 36): "
+                                     f"save it as UTF-8")

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -282,14 +283,22 @@ def test_a_ray_started_by_launch_is_shut_down_when_mlflow_fails(tmp_path, monkey
         monkeypatch.setenv("RAY_ADDRESS", ray_address)
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    server = f"http://127.0.0.1:{free_port()}"  # a tracking server that is down
     spec = write_spec(tmp_path, "unrecorded", "ipc: 1.0\n")
-    result = runner.invoke(app, ["launch", str(spec), "--quiet", "--tracking-uri", server]
-                           + (["--address", address] if address else []))
+    extra = ["--address", address] if address else []
+    # a tracking server that is down is found before Ray starts (in seconds)
+    server = f"http://127.0.0.1:{free_port()}"
+    result = runner.invoke(app, ["launch", str(spec), "--quiet", "--tracking-uri", server] + extra)
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"error: {spec}: tracking_uri: cannot record the sweep in "
-                                    f"MLflow at {server}: ")
+    assert result.stderr.startswith(f"error: the MLflow tracking server {server} does not answer")
+    assert calls == []
+    # a store that fails once Ray is up (a sqlite file that is not MLflow's): Ray is shut down
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    result = runner.invoke(app, ["launch", str(spec), "--quiet", "--tracking-uri",
+                                 f"sqlite:///{foreign}"] + extra)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and str(foreign) in result.stderr
     assert calls == [joined, "shutdown"]
 
 
@@ -315,6 +324,21 @@ def test_status_and_report_read_a_real_sweep(tmp_path):
     assert result.exit_code == 0, result.output
     assert "sweep watch (finished): 4 finished" in result.output
     assert result.output.count("FINISHED") == 4 and "%" in result.output
+    as_json = runner.invoke(app, ["status", "watch", "--tracking-uri", uri, "--json"])
+    (entry,) = json.loads(as_json.stdout)
+    assert (entry["sweep"], entry["status"], entry["counts"]) == ("watch", "FINISHED",
+                                                                 {"FINISHED": 4})
+    assert all(t["step"] == 6 and 0 < t["best_accuracy"] <= 1 and t["run_id"]
+               for t in entry["trials"])
+    # a trial evaluated again straight from its MLflow run: the same protocol, the same result
+    trial = entry["trials"][0]
+    again = runner.invoke(app, ["evaluate", trial["run_id"], "--tracking-uri", uri,
+                                "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    recorded = MlflowClient(uri).get_run(trial["run_id"]).data.metrics["test_accuracy"]
+    assert json.loads(again.stdout)["test_accuracy"] == pytest.approx(recorded)
+    unknown = runner.invoke(app, ["evaluate", "0" * 32, "--tracking-uri", uri])
+    assert unknown.exit_code == 2 and f"no run {'0' * 32} in" in unknown.stderr
     report = runner.invoke(app, ["report", "--dataset", "digits", "--tracking-uri", uri,
                                  "--format", "json"])
     assert report.exit_code in (0, 1), report.output  # a verdict either way
@@ -441,6 +465,7 @@ def test_evaluations_during_distillation_are_recorded_at_their_steps(tmp_path):
     assert [m.step for m in history] == [3, 6]
     assert all(0 <= m.value <= 1 for m in history)
     assert run.data.metrics["test_accuracy"] == history[-1].value  # the final one is the figure
+
 
 def test_a_driver_killed_before_any_trial_was_saved_resumes_every_trial(tmp_path):
     """Tune writes tuner.pkl when the Tuner is made, before any trial is saved, and keeps no
