@@ -129,7 +129,8 @@ def plot_c1(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("PoDD 16x6 minus no overlap (points)")
     ax.set_title("C1 at 1 IPC on CIFAR-10 (cpu-small otherwise)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right", title="bars: 95 % interval over seeds",
+              title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
