@@ -1,7 +1,8 @@
-"""Property: any `--set KEY=VALUE` and any launch override is either accepted (the resolved
-settings print) or refused with exit code 2 and one `error:` line; never a traceback, and
-nothing is written."""
+"""Property: any `--set KEY=VALUE`, any launch override and any edit of an artifact's
+poster.json is either accepted or refused with exit code 2 and one `error:` line; never a
+traceback, and nothing is written."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -10,6 +11,22 @@ from orchestrator.cli import app
 from podd_engine.config import TrialConfig
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved_artifact(tmp_path_factory):
+    """A tiny real poster artifact (digits, 2 outer steps)."""
+    out = tmp_path_factory.mktemp("saved") / "art"
+    result = runner.invoke(app, [
+        "distill", "--dataset", "digits", "--ipc", "0.6", "--steps", "2", "--eval-models", "1",
+        "--out", str(out), "--set", "width=8", "--set", "total_inner_steps=4", "--set",
+        "window=2", "--set", "distill_batch=16", "--set", "real_batch=64", "--set",
+        "real_chunk=64", "--set", "eval_steps=[10]", "--set", "patch_grid=8x3", "--order",
+        "identity", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 FIELDS = sorted(TrialConfig.__dataclass_fields__) + ["widht", "seeds", "", "a.b", "-x"]
 VALUE_TEXTS = st.one_of(
     st.sampled_from(["", "null", "[", "[1,2", "{a: 1", "true", "-1", "0", ".inf", ".nan",
@@ -51,3 +68,30 @@ def test_any_launch_override_is_accepted_or_one_line(key, value, tmp_path_factor
     result = runner.invoke(app, ["launch", str(spec), f"{key}={value}", "--print-spec"])
     assert_one_line_or_ok(result)
     assert sorted(p.name for p in folder.iterdir()) == ["s.yaml"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["config", "geometry", "label_mode", "class_names", "format_version",
+                            "sha256", "label_grid", "metrics"]),
+       value=st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=5), st.lists(
+           st.integers(0, 9), max_size=3), st.dictionaries(st.sampled_from(
+               ["width", "ipc", "channels", "x"]), st.integers(-1, 64), max_size=2)),
+       sealed=st.booleans())
+def test_an_edited_artifact_is_refused_in_one_line_or_loads(key, value, sealed, saved_artifact,
+                                                            tmp_path_factory):
+    """poster.json edited anyhow: `evaluate` either works or says in one line what is wrong
+    (a sealed file is always refused; an older unsealed one is checked field by field)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("art") / "art"
+    shutil.copytree(saved_artifact, folder)
+    meta = json.loads((folder / "poster.json").read_text())
+    meta[key] = value
+    if not sealed:
+        meta.pop("metadata_sha256")
+    (folder / "poster.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["evaluate", str(folder), "--models", "1", "--device", "cpu"])
+    assert_one_line_or_ok(result)
+    if sealed:
+        assert result.exit_code == 2 and "was changed after the distillation" in result.stderr
