@@ -140,8 +140,11 @@ def drill_interrupt(kind: str) -> bool:
     checks = Checks(kind)
     folder = Path(tempfile.mkdtemp(prefix=f"podd-{kind}-"))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    # ctrl-c runs three launches after the start-up one: shorter trials keep it in CI time
-    seeds, steps = (3, 150) if kind == "killed-driver" else (2, 100)
+    # ctrl-c runs three launches after the start-up one: fewer trials keep it in CI time.
+    # Its trials are as long as killed-driver's: the moment it waits for (one trial done,
+    # another between steps 25 and steps - 30, read from MLflow, which the driver now writes
+    # in the background) lasted about a second at 100 steps and was missed under load
+    seeds, steps = (3, 150) if kind == "killed-driver" else (2, 300)
     spec = write_spec(folder, kind, seeds=seeds, steps=steps, checkpoint_every=10)
     if kind == "ctrl-c":
         interrupt_start_up(checks, spec)
