@@ -94,6 +94,7 @@ def save_artifact(folder: str | os.PathLike, *, config: TrialConfig, geometry: P
     return folder
 
 
+IDENTITY_SETTINGS = ("dataset", "method", "ipc", "patch_grid", "seed")
 METADATA_SHA = "metadata_sha256"  # of poster.json itself: its settings and results are sealed
 
 
@@ -130,25 +131,46 @@ def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
                             f"is truncated or corrupt; re-run the distillation")
     tensors = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     try:
-        config = TrialConfig.from_dict(metadata["config"])
+        recorded = metadata["config"]
+        # what names the trial cannot fall back to a default: an artifact holds all of them
+        for name in IDENTITY_SETTINGS:
+            recorded[name]  # noqa: B018 (a KeyError names the missing setting)
+        config = TrialConfig.from_dict(recorded)
         config.validate()
         g = metadata["geometry"]
         geometry = PosterGeometry(g["channels"], tuple(g["image_size"]), g["num_classes"],
                                   tuple(g["class_grid"]), tuple(g["patch_grid"]),
                                   tuple(g["poster_size"]), g.get("requested_ipc"))
+        class_names = _class_names(metadata["class_names"], geometry.num_classes)
+        if not isinstance(metadata["preprocessing"]["training_set_key"], str):
+            raise ValueError(f"preprocessing {metadata['preprocessing']!r} (its training_set_key "
+                             f"names the data set the poster was distilled on)")
+        if not isinstance(metadata.get("embedder"), (str, type(None))):
+            raise ValueError(f"embedder {metadata['embedder']!r} (a name or null)")
+        order = tensors["class_order"]
+        label_mode = metadata["label_mode"]
+        if label_mode == "learned":
+            label_grid = metadata["label_grid"]
+            labels = create_labels("learned", geometry, order,
+                                   tuple(label_grid) if label_grid else None)
+            labels.array = tensors["label_array"]
+        elif label_mode == "fixed":
+            labels = PosterLabels("fixed", None, tensors["label_array"])
+        else:
+            raise ValueError(f"label_mode {label_mode!r} (fixed or learned)")
     except (KeyError, TypeError, ValueError) as exc:
         what = f"lacks {exc}" if isinstance(exc, KeyError) else f"holds {first_line(exc)}"
         raise ArtifactError(f"{meta_path} {what}: the artifact is corrupt; re-run the "
                             f"distillation") from None
-    order = tensors["class_order"]
-    if metadata["label_mode"] == "learned":
-        labels = create_labels("learned", geometry, order,
-                               tuple(metadata["label_grid"]) if metadata["label_grid"] else None)
-        labels.array = tensors["label_array"]
-    else:
-        labels = PosterLabels("fixed", None, tensors["label_array"])
-    return PosterArtifact(config, geometry, tensors["poster"], labels, order,
-                          tuple(metadata["class_names"]), metadata)
+    return PosterArtifact(config, geometry, tensors["poster"], labels, order, class_names,
+                          metadata)
+
+
+def _class_names(names, num_classes: int) -> tuple[str, ...]:
+    if not isinstance(names, list) or len(names) != num_classes or not all(
+            isinstance(n, str) for n in names):
+        raise ValueError(f"class_names {names!r} (a list of {num_classes} names)")
+    return tuple(names)
 
 
 # --------------------------------------------------------------------------------------------
