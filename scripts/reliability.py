@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -41,13 +42,13 @@ ENGINE = ("{width: 8, steps: %(steps)d, total_inner_steps: 4, window: 2, distill
 
 def write_spec(folder: Path, name: str, *, seeds: int = 2, ipcs=(0.5, 1.0), steps: int = 60,
                checkpoint_every: int = 10, extra: str = "", tracking_uri: str | None = None,
-               cpu: float = 1, eval_steps: int = 20) -> Path:
+               cpu: float = 1, eval_steps: int = 20, max_failures: int = 1) -> Path:
     spec = folder / f"{name}.yaml"
     spec.write_text(
         f"name: {name}\ndataset: digits\nmethod: podd\nipc: {list(ipcs)}\npatch_grid: 4x2\n"
         f"class_order: identity\nseeds: {list(range(seeds))}\n"
         f"settings: {ENGINE % {'steps': steps, 'eval_steps': eval_steps}}\n"
-        f"resources: {{cpu: {cpu}}}\nmax_concurrent: 2\nmax_failures: 1\n"
+        f"resources: {{cpu: {cpu}}}\nmax_concurrent: 2\nmax_failures: {max_failures}\n"
         f"checkpoint_every: {checkpoint_every}\nlog_every: 5\nstorage: {folder / 'ray'}\n"
         f"tracking_uri: {tracking_uri or 'sqlite:///' + str(folder / 'mlflow.db')}\n" + extra)
     return spec
@@ -82,12 +83,19 @@ def loss_steps(uri: str, run) -> list[int]:
     return [m.step for m in client_for(uri).get_metric_history(run.info.run_id, "loss")]
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0,
+               launch: subprocess.Popen | None = None, spec: Path | None = None):
+    """Poll until `predicate` holds; a `launch` that ends first fails at once, with its log's
+    tail (a launch refused in one line must not look like a slow one)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
+        if launch is not None and launch.poll() is not None:
+            tail = spec.with_suffix(".log").read_text()[-600:] if spec else ""
+            raise RuntimeError(f"launch exited with code {launch.returncode} while waiting for "
+                               f"{what}: {tail}")
         time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -158,7 +166,8 @@ def drill_interrupt(kind: str) -> bool:
                    25 <= max(loss_steps(uri, r), default=0) <= steps - 30]
         return (finished, running) if finished and running else None
 
-    finished, running = wait_until(midway, 600, "a finished trial and one mid-way")
+    finished, running = wait_until(midway, 600, "a finished trial and one mid-way",
+                                   launch=process, spec=spec)
     before = {r.info.run_id: r.info.end_time for r in finished}
     if kind == "killed-driver":
         os.kill(process.pid, signal.SIGKILL)
@@ -251,7 +260,7 @@ def interrupt_twice(checks: Checks, spec: Path, uri: str, steps_at_stop: dict) -
                    max(loss_steps(uri, r), default=0) > steps_at_stop.get(r.info.run_id, 0) + 5
                    for r in trial_runs(uri, spec.stem))
 
-    wait_until(resumed_and_going, 300, "a resumed trial 5 steps on")
+    wait_until(resumed_and_going, 300, "a resumed trial 5 steps on", launch=process, spec=spec)
     os.killpg(process.pid, signal.SIGINT)
     time.sleep(0.2)
     interrupted = time.time()
@@ -321,9 +330,13 @@ def drill_cluster() -> bool:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
-    # `ray start --head` turns on Ray's token authentication (token in ~/.ray/auth_token);
-    # the worker node and the driver must ask for it too
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
+    # the cluster uses Ray's token authentication, as a user's would; `ray start` does not
+    # make a token, so the drill writes its own (never the user's ~/.ray/auth_token) and
+    # both nodes and the driver read it
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**os.environ, "RAY_ADDRESS": "", **auth}
     # both nodes keep their files (and so their processes' command lines) under the drill's
     # folder: the drill stops exactly its own cluster, never another Ray on the machine
     head = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=1",
@@ -339,21 +352,40 @@ def drill_cluster() -> bool:
     checks.check("ray start --address (worker node)", worker.returncode == 0,
                  worker.stderr[-300:])
     try:
-        spec = write_spec(folder, "cluster", seeds=4, steps=80, checkpoint_every=10,
-                          extra="max_failures: 3\n")
-        process = start_launch(spec, "--address", address, env={"RAY_AUTH_MODE": "token"})
-        nodes_seen = wait_until(lambda: _nodes_of(uri, "cluster") if len(
-            _nodes_of(uri, "cluster")) >= 2 else None, 300, "trials on two nodes")
-        checks.check("trials placed on both nodes", len(nodes_seen) >= 2, f"{sorted(nodes_seen)}")
-        # kill the worker node's raylet (the node dies; its trials must move)
+        steps = 120
+        spec = write_spec(folder, "cluster", seeds=4, steps=steps, checkpoint_every=10,
+                          max_failures=3)
+        process = start_launch(spec, "--address", address, env=auth)
+        # the worker node: its raylet (killed below) and its node id
         raylets = [p for p in _processes("raylet") if str(worker_dir) in p[1]]
         dead = {arg.split("=", 1)[1] for _, cmd in raylets for arg in cmd.split()
-                if arg.startswith("--node_id=")}  # the worker node's id
-        node_at_kill = {r.info.run_name: r.data.tags.get("podd.node_id")
-                        for r in trial_runs(uri, "cluster") if r.info.status == "RUNNING"}
-        for pid, _ in raylets:
-            os.kill(pid, signal.SIGKILL)
-        checks.check("worker node killed mid-sweep", bool(raylets), f"{len(raylets)} raylet")
+                if arg.startswith("--node_id=")}
+
+        def on_worker_midway():
+            """Trials on the worker node, RUNNING and mid-way by their recorded steps. MLflow
+            is written in the background, so the record lags the trials: one recorded near its
+            end may finish before the kill lands; one recorded mid-way cannot."""
+            runs = trial_runs(uri, "cluster")
+            nodes = {r.data.params["node_id"][:12] for r in runs if "node_id" in r.data.params}
+            midway = {r.info.run_name for r in runs if r.info.status == "RUNNING"
+                      and r.data.tags.get("podd.node_id") in dead
+                      and 5 <= max(loss_steps(uri, r), default=0) <= steps // 2}
+            return (nodes, midway) if len(nodes) >= 2 and midway else None
+
+        nodes_seen, midway = wait_until(on_worker_midway, 300,
+                                        "trials on two nodes, one mid-way on the worker",
+                                        poll=0.3, launch=process, spec=spec)
+        checks.check("trials placed on both nodes", len(nodes_seen) >= 2, f"{sorted(nodes_seen)}")
+        # the node dies as a machine does: its raylet and every process it started (a trial's
+        # worker left alive could still finish and report to the driver directly)
+        doomed = _descendants({pid for pid, _ in raylets})
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        checks.check("worker node killed mid-sweep", bool(raylets),
+                     f"{len(raylets)} raylet, {len(doomed) - len(raylets)} of its processes")
         code = process.wait(timeout=900)
         checks.check("the sweep completes (exit 0)", code == 0, f"exit code {code}")
         runs = common_end_checks(checks, uri, "cluster", 8)
@@ -367,11 +399,10 @@ def drill_cluster() -> bool:
         # every attempt's node, in order (tag podd.nodes; the node_id param keeps the first)
         attempts = {r.info.run_name: r.data.tags.get("podd.nodes", "").split() for r in retried}
         # an attempt that died before it reported (still starting) left no node: every
-        # retried trial's last attempt must be on a live node, and every trial seen on the dead
-        # node must have been retried
+        # retried trial's last attempt must be on a live node, and every trial mid-way on the
+        # dead node when it was killed must have been retried
         moved = [name for name, nodes in attempts.items() if nodes and nodes[-1] not in dead]
-        stranded = [name for name, node in node_at_kill.items()
-                    if node in dead and name not in moved]
+        stranded = [name for name in midway if name not in moved]
         checks.facts.update(nodes=sorted(nodes_seen), dead=[n[:12] for n in dead],
                             retried={name: [n[:12] for n in nodes]
                                      for name, nodes in attempts.items()})
@@ -380,17 +411,13 @@ def drill_cluster() -> bool:
                      len(dead) == 1 and bool(retried) and len(moved) == len(retried)
                      and not stranded,
                      f"{len(retried)} retried, {len(moved)} finished on a live node, "
-                     f"{len(stranded)} of the dead node's not; dead {checks.facts['dead']}, "
+                     f"{len(stranded)} of the {len(midway)} mid-way on the dead node not; "
+                     f"dead {checks.facts['dead']}, "
                      f"attempts {checks.facts['retried']}")
     finally:
         _stop_processes_under(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return checks.record("python scripts/reliability.py cluster")
-
-
-def _nodes_of(uri: str, sweep: str) -> set[str]:
-    return {r.data.params["node_id"][:12] for r in trial_runs(uri, sweep)
-            if "node_id" in r.data.params}
 
 
 def _processes(name: str) -> list[tuple[int, str]]:
@@ -404,6 +431,23 @@ def _processes(name: str) -> list[tuple[int, str]]:
             if name in cmd.split(" ")[0]:
                 out.append((int(entry.name), cmd))
     return out
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """`roots` and every process below them."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # the field after the command name, which may hold spaces and parentheses
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1]
+                                              .split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
 def _stop_processes_under(folder: Path) -> None:
