@@ -101,9 +101,8 @@ def _check_sqlite_store(path: Path) -> None:
         raise ValueError(f"{path} is a folder, not an MLflow sqlite store: pass "
                          f"--tracking-uri file:{path} for a folder store")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            tables = {name for (name,) in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with _reading(path) as db:
+            tables = _tables(db)
     except sqlite3.DatabaseError:  # "file is not a database"
         raise ValueError(f"{path} is not an MLflow store (not a sqlite database)") from None
     if not tables:
@@ -113,6 +112,30 @@ def _check_sqlite_store(path: Path) -> None:
     if missing:
         raise ValueError(f"{path} is a sqlite database but not an MLflow store (no "
                          f"{', '.join(sorted(missing))} table)")
+
+
+def _reading(path: Path) -> contextlib.closing:
+    """A connection to read a sqlite file. Read-only, unless a writer was killed mid-write and
+    left its rollback journal beside it: then SQLite must roll that back first, which a
+    read-only connection cannot (it refuses to read at all), so the file is opened for
+    writing; it is never created (mode rw), and only SQLite's own recovery writes to it."""
+    journal = path.with_name(path.name + "-journal")
+    mode = "rw" if journal.exists() and journal.stat().st_size > 0 else "ro"
+    return contextlib.closing(sqlite3.connect(f"file:{path}?mode={mode}", uri=True))
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'table'") if not name.startswith("sqlite_")}
+
+
+def _mlflow_tables() -> set[str]:
+    """Every table MLflow's schema makes (its models, and alembic's version table)."""
+    import mlflow.store.model_registry.dbmodels.models  # noqa: F401 (registers the tables)
+    import mlflow.store.tracking.dbmodels.models  # noqa: F401
+    from mlflow.store.db.base_sql_model import Base
+
+    return set(Base.metadata.tables) | {"alembic_version"}
 
 
 def _check_file_store(root: Path) -> None:
@@ -140,8 +163,11 @@ def prepare_sqlite_store(uri: str) -> None:
         state, runs = _sqlite_schema_state(path)
         if state == "complete":
             return
-        if state == "foreign":
-            check_local_store(uri)  # says what the file is
+        if state == "foreign":  # never touched: say what the file is
+            check_local_store(uri)
+            raise UserError(f"{path} holds tables MLflow does not make, so it is not an MLflow "
+                            f"store (or one from another version): it is left as it is; point "
+                            f"--tracking-uri at another store")
         if runs:
             raise UserError(f"{path} is an MLflow store whose creation or migration was cut "
                             f"short, and it holds {runs} run(s): back it up, then run `mlflow "
@@ -193,14 +219,15 @@ def _write_mlflow_schema(path: Path) -> None:
 
 
 def _sqlite_schema_state(path: Path) -> tuple[str, int]:
-    """(complete | half-created | foreign, the number of runs it holds) of a sqlite file."""
+    """(complete | half-created | foreign, the number of runs it holds) of a sqlite file.
+    Half-created: MLflow's tables and nothing else, not all of them or not at the latest
+    revision (an empty file counts too); a file with any other table is foreign."""
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            tables = {name for (name,) in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and not tables & MLFLOW_SQLITE_TABLES:
+        with _reading(path) as db:
+            tables = _tables(db)
+            if tables and not (tables & MLFLOW_SQLITE_TABLES and tables <= _mlflow_tables()):
                 return "foreign", 0
             runs = (db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
                     if "runs" in tables else 0)
@@ -301,7 +328,7 @@ def run_records(tracking_uri: str | None, experiment: str, *, role: str = "trial
 
 def _sqlite_run_records(path: Path, experiment: str, role: str, sweep: str | None,
                         peaks: tuple[str, ...]) -> list[RunRecord]:
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with _reading(path) as db:
         found = db.execute("SELECT experiment_id FROM experiments WHERE name = ? AND "
                            "lifecycle_stage = 'active'", (experiment,)).fetchone()
         if found is None:

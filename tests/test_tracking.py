@@ -256,6 +256,72 @@ def test_a_half_created_store_is_rebuilt_when_empty_and_refused_with_runs(tmp_pa
     assert kept.read_bytes() == before  # nothing recorded is touched
 
 
+def _killed_mid_write(path, sql: str) -> None:
+    """Run `sql` in a transaction in another process and SIGKILL it before the commit: the
+    file is left with a hot rollback journal beside it, as a killed MLflow migration leaves
+    it."""
+    import subprocess
+    import sys
+
+    # a one-page cache makes SQLite write changed pages into the file before the commit
+    # (after syncing the journal that can undo them): the journal is hot, the file changed
+    script = (f"import os, signal, sqlite3; db = sqlite3.connect({str(path)!r}); "
+              f"db.execute('PRAGMA cache_size = 1'); db.execute('BEGIN'); "
+              f"[db.execute(s) for s in {sql!r}.split(';') if s.strip()]; "
+              f"db.execute('CREATE TABLE spill (x TEXT)'); "
+              f"db.executemany('INSERT INTO spill VALUES (?)', [('x' * 500,)] * 2000); "
+              f"os.kill(os.getpid(), signal.SIGKILL)")
+    subprocess.run([sys.executable, "-c", script])
+    assert path.with_name(path.name + "-journal").stat().st_size > 0
+
+
+def test_a_half_created_store_left_with_a_hot_journal_is_rebuilt(tmp_path):
+    """The issue's case: MLflow killed while it migrated a new store leaves a hot journal
+    (read-only SQLite refuses to read the file at all until it is rolled back)."""
+    import sqlite3
+
+    import pytest
+
+    from orchestrator.store import _sqlite_schema_state, prepare_sqlite_store
+
+    store = tmp_path / "mlflow.db"
+    _half_migrate(store)
+    _killed_mid_write(store, "DELETE FROM experiments; CREATE TABLE experiment_extra (x INT)")
+    with pytest.raises(sqlite3.OperationalError):  # what a read-only reader meets
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            db.execute("SELECT name FROM sqlite_master").fetchall()
+    assert _sqlite_schema_state(store)[0] == "half-created"  # rolled back, then read
+    prepare_sqlite_store(f"sqlite:///{store}")
+    assert _sqlite_schema_state(store) == ("complete", 0)
+    MlflowClient(f"sqlite:///{store}").search_experiments()
+
+
+def test_a_sqlite_file_of_another_program_is_never_rebuilt(tmp_path):
+    """A file that shares a table name with MLflow (tags) but holds tables MLflow does not
+    make is someone else's: refused in one line, left byte for byte, journal and all."""
+    import sqlite3
+
+    import pytest
+
+    from orchestrator.store import prepare_sqlite_store
+    from podd_engine.errors import UserError
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE tags (key TEXT, value TEXT)")
+        db.execute("CREATE TABLE notes (body TEXT)")
+        db.executemany("INSERT INTO notes VALUES (?)", [(f"note {i}",) for i in range(100)])
+    before = other.read_bytes()
+    with pytest.raises((UserError, ValueError), match="not an MLflow store"):
+        prepare_sqlite_store(f"sqlite:///{other}")
+    assert other.read_bytes() == before
+    _killed_mid_write(other, "DELETE FROM notes")  # the same, with a hot journal beside it
+    with pytest.raises((UserError, ValueError), match="not an MLflow store"):
+        prepare_sqlite_store(f"sqlite:///{other}")
+    with sqlite3.connect(other) as db:
+        assert db.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 100
+
+
 def test_a_write_retried_after_the_store_failed_is_recorded_once(tmp_path, monkeypatch):
     """The background writer retries an event whose write failed (the store was away): the
     retry must record it (a step is taken only once its write succeeded) and only once."""
