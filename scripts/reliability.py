@@ -585,8 +585,13 @@ def drill_load(trials: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("drill", choices=["killed-driver", "kill-anytime", "ctrl-c", "crash",
-                                          "cluster", "mlflow-server", "server-outage", "load"])
+                                          "cluster", "mlflow-server", "server-outage", "load",
+                                          "random-kills"])
     parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--spec", type=Path, default=Path("sweeps/smoke.yaml"),
+                        help="random-kills: the sweep to run (relative to the repository)")
+    parser.add_argument("--kills", type=int, default=3, help="random-kills: how many")
+    parser.add_argument("--seed", type=int, default=0, help="random-kills: the kill times")
     parser.add_argument("--screenshots", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
@@ -600,6 +605,10 @@ def main() -> None:
         from reliability_server import drill_server_outage
 
         ok = drill_server_outage()
+    elif args.drill == "random-kills":
+        from reliability_random_kills import drill_random_kills
+
+        ok = drill_random_kills(args.spec, args.kills, args.seed)
     elif args.drill == "crash":
         ok = drill_crash()
     elif args.drill == "cluster":
