@@ -75,13 +75,18 @@ def report_command(
             raise nothing_to_report(gathered, experiment)
         reports = [rp.build_report(gathered, name, baseline=baseline, criterion=criterion,
                                    budget=budget, where=conditions) for name in names]
+        from orchestrator.status import recorded_searches
+
+        searches = recorded_searches(tracking_uri, experiment, sweep)
+        for r in reports:
+            r.searches = rp.searches_of(r, searches)
         plots = {}
         if plot is not None:
             for r in reports:
                 path = out.plot_report(r, out.plot_path(plot, r.dataset, len(reports) > 1))
                 plots[r.dataset] = path
                 out.log_plot_to_sweeps(tracking_uri, experiment, r, path)
-    for reason in (rp.RUNNING, rp.NAN_ACCURACY, rp.INCOMPLETE):
+    for reason in (rp.RUNNING, rp.NAN_ACCURACY, rp.INCOMPLETE, rp.STOPPED_EARLY):
         if ids := gathered.left_out_ids(reason):
             err_console.print(f"note: {describe_left_out(ids, reason)}", highlight=False,
                               soft_wrap=True)

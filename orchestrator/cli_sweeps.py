@@ -107,6 +107,24 @@ def _bill(sweep, costs) -> str:
             f"(estimated from {costs.source()}; docs/benchmarks.md, 'Cost estimate')")
 
 
+def _search_bill(sweep, costs) -> str:
+    """What a search is expected to run of the grid above, and at most."""
+    from orchestrator.search import search_cost
+
+    hours = {t.key: c.seconds / 3600 for t, c in zip(sweep.trials, costs.trials)}
+    lines = [f"search: lowest-passing ({sweep.spec.criterion}); the grid above is what it may "
+             f"run; it runs the baseline, then bisects over IPC:"]
+    for problem in sweep.search_problems():
+        cost = search_cost(problem, sweep.spec.criterion, sweep.spec.parallel_probes)
+        per_trial = sum(hours[k] for k in problem.keys) / len(problem.keys)
+        lines.append(f"  {problem.label}: expected {cost.expected:.1f} of {cost.grid} trials "
+                     f"(about {cost.expected * per_trial:.1f} trial-hours) when the first two "
+                     f"seeds settle each probe; at most {cost.worst_monotone} when every probe "
+                     f"needs every seed, if accuracy rises with IPC; all {cost.grid} if it "
+                     f"does not")
+    return "\n".join(lines)
+
+
 @app.command("launch", epilog="Example: `podd-sweep launch sweeps/smoke.yaml seeds=[0] --dry-run`")
 def launch_command(
     spec: Annotated[Path, typer.Argument(help="Sweep spec (YAML), e.g. sweeps/smoke.yaml.",
@@ -158,6 +176,8 @@ def launch_command(
                               f"(experiment {sweep.spec.experiment}); Ray results: "
                               f"{sweep.storage_path() / sweep.name}")
                 console.print(_bill(sweep, costs), highlight=False)
+                if sweep.spec.search != "grid":
+                    console.print(_search_bill(sweep, costs), highlight=False)
                 return
             from orchestrator.tune import launch
             outcome = launch(sweep, address=address, tracking_uri=tracking_uri,
@@ -207,6 +227,12 @@ def _print_outcome(outcome) -> None:
     console.print(f"{counts}. MLflow: {outcome.tracking_uri}, parent run "
                   f"{outcome.parent_run_id} (open with: podd-sweep ui). Ray results: "
                   f"{outcome.experiment_dir}")
+    if outcome.search is not None:
+        from orchestrator.search_record import describe
+
+        for search in outcome.search["searches"]:
+            console.print("search " + "\n".join(describe(search, outcome.search["criterion"])),
+                          highlight=False, soft_wrap=True)
     if outcome.failed:
         err_console.print(f"[bold red]{len(outcome.failed)} trial(s) failed:[/] "
                           + "; ".join(f"{n}: {outcome.errors.get(n, '')}" for n in outcome.failed))
@@ -301,6 +327,13 @@ def status_command(
         console.print(table)
         if hidden:
             console.print(f"{hidden} more finished trials not shown (--all lists every one)")
+        if entry.search is not None:
+            from orchestrator.search_record import describe
+
+            for search in entry.search["searches"]:
+                console.print("search " + "\n".join(describe(search,
+                                                              entry.search["criterion"])),
+                              highlight=False, soft_wrap=True)
 
 
 @app.command("ui", epilog="Example: `podd-sweep ui --port 5000`")

@@ -27,8 +27,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, Gathered, ReportError,
-                               finite_or_none, select_where)
+from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, STOPPED_EARLY,  # noqa: F401
+                               Gathered, ReportError, finite_or_none, select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
@@ -268,6 +268,9 @@ class DatasetReport:
     differing: dict[str, list[str]]  # schedule settings that differ, with their values
     runs: pa.Table
     left_out: dict[str, list[str]] = field(default_factory=dict)  # reason -> run ids
+    # searches (`search: lowest-passing`) of its runs' sweeps: their answers and what they
+    # ran (status.recorded_searches; attached by the caller, which reads the parent runs)
+    searches: list[dict] = field(default_factory=list)
 
     def states(self) -> list[str]:
         return [s.verdict.state for s in self.schedules]
@@ -299,7 +302,8 @@ class DatasetReport:
                            "baseline": asdict(s.baseline) if s.baseline else None,
                            "verdict": asdict(s.verdict), "groups": s.groups.to_pylist()}
                           for s in self.schedules],
-            "runs": self.runs.to_pylist(), "left_out": self.left_out})
+            "runs": self.runs.to_pylist(), "left_out": self.left_out,
+            "searches": self.searches})
 
 
 def dataset_family(runs: pa.Table, name: str) -> str:
@@ -414,3 +418,10 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out)
 
 
+
+
+def searches_of(report: DatasetReport, searches: list[dict]) -> list[dict]:
+    """The recorded searches over this report's data set (by the data set string its sweeps
+    used, or its family)."""
+    sources = set(report.runs.column("dataset_source").to_pylist()) | {report.dataset}
+    return [s for s in searches if s.get("dataset") in sources]

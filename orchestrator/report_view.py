@@ -85,3 +85,10 @@ def print_report(console: Console, report: DatasetReport) -> None:
         console.print("run ids:", *run_id_lines(schedule), sep="\n  ", highlight=False,
                       soft_wrap=True)
         console.print(f"[bold]verdict:[/] {escape(schedule.verdict.message)}", highlight=False)
+    for search in report.searches:
+        from orchestrator.search_record import describe
+
+        lines = describe(search, search["criterion"])
+        console.print(f"[bold]search[/] (sweep {escape(search['sweep'])}, criterion "
+                      f"{search['criterion']}): " + escape("\n".join(lines)), highlight=False,
+                      soft_wrap=True)

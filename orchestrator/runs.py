@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from orchestrator.store import DATASET_TAG, KEY_TAG, SWEEP_TAG, RunRecord, run_records
+from orchestrator.store import (DATASET_TAG, KEY_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, RunRecord,
+                                run_records)
 from podd_engine.config import LATE_SETTINGS, PLACEMENT, TrialConfig
 from podd_engine.errors import UserError
 from podd_engine.methods import CONFIGURATION_AXES, get_method
@@ -35,6 +36,7 @@ IDENTITY = ("method", "ipc")
 
 # Why a trial run is not in the table.
 RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
+STOPPED_EARLY = "stopped-early"  # a search stopped it below the baseline's curve
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
 
@@ -206,6 +208,9 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
     """The table of `runs` (in any order: rows are sorted by run id)."""
     rows, left_out = [], []
     for run in runs:
+        if STOPPED_EARLY_TAG in run.tags:  # not a finished run of its schedule
+            left_out.append(LeftOut(run.run_id, *_run_dataset(run), STOPPED_EARLY))
+            continue
         if run.status not in ("RUNNING", "FINISHED"):
             continue
         reason = _left_out_reason(run)
@@ -222,7 +227,10 @@ def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
     """One note line for the runs left out for `reason` (their full ids, the first few)."""
     what = {RUNNING: "trial run(s) still RUNNING are left out; report again when they finish",
             NAN_ACCURACY: "finished run(s) with test accuracy NaN are left out",
-            INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out"}
+            INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out",
+            STOPPED_EARLY: "run(s) a search stopped early, below the baseline's curve, are not "
+                           "finished runs of their schedule and are left out (the search "
+                           "counts them as failing)"}
     more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
     return f"{len(ids)} {what[reason]}: {' '.join(ids[:shown])}{more}"
 

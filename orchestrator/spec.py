@@ -37,8 +37,12 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator, model_validator)
 
 from orchestrator.overrides import Override, describe, parse_override, parse_overrides
-from orchestrator.spec_file import SpecError, read_spec_mapping, read_spec_text  # noqa: F401
+from orchestrator.search import SEARCHES
+from orchestrator.search_problems import SearchSpecError, search_problems
+from orchestrator.spec_file import (SpecError, read_spec_mapping, read_spec_text,  # noqa: F401
+                                   short_dataset_name)
 from orchestrator.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, absolute_tracking_uri
+from orchestrator.verdict import CRITERIA, MIN_RUNS
 from podd_engine.config import LABEL_MODES, ORDERINGS, TrialConfig, make_config, parse_grid
 from podd_engine.errors import UserError
 from podd_engine.methods import get_method, method_names
@@ -141,6 +145,18 @@ class AxisValues(BaseModel):
                 if getattr(self, name) is not None}
 
 
+class EarlyStop(BaseModel):
+    """Stop a poster trial that is this many accuracy points below the baseline's own curve
+    at the same outer step (a search's evaluations during distillation, `eval_every`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    margin_points: Annotated[float, BeforeValidator(_not_a_bool),
+                             Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+SEARCH_AXES = ("ipc", "patch_grid", "class_order", "labels")
+
+
 class SweepSpec(AxisValues):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -166,6 +182,13 @@ class SweepSpec(AxisValues):
     cache_dir: Union[str, None] = None
     # which of the paper's benchmarks the spec's parquet:/imagefolder: data sets are copies of
     family: Union[str, None] = None
+    # grid: every trial; lowest-passing: bisection over IPC against the baseline
+    # (orchestrator/search.py)
+    search: Literal[SEARCHES] = "grid"
+    search_axes: Union[Annotated[list[Literal[SEARCH_AXES]], Field(min_length=1)], None] = None
+    criterion: Literal[CRITERIA] = "beats"
+    parallel_probes: int = Field(1, ge=1, le=64)
+    early_stop: Union[EarlyStop, None] = None
 
     @field_validator("preset")
     @classmethod
@@ -203,6 +226,36 @@ class SweepSpec(AxisValues):
         return value
 
     @model_validator(mode="after")
+    def _search_settings(self):
+        if self.search == "grid":
+            for name, default in (("search_axes", None), ("early_stop", None),
+                                  ("parallel_probes", 1)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} is a setting of a search: add `search: "
+                                     f"lowest-passing`, or remove {name}")
+            return self
+        if len(set(_listify(self.seeds if self.seeds is not None else [0]))) < MIN_RUNS:
+            raise ValueError(f"search: lowest-passing judges each IPC over at least {MIN_RUNS} "
+                             f"seeds: give seeds: [0, 1, 2] (more seeds are added only where a "
+                             f"decision is uncertain)")
+        if self.search_axes is not None and "ipc" not in self.search_axes:
+            raise ValueError(f"search_axes must include ipc (the axis searched), e.g. [ipc] or "
+                             f"{list(SEARCH_AXES)}")
+        return self
+
+    def held_axes(self) -> dict[str, Any]:
+        """The poster axes a search holds at their first value ({TrialConfig field: value}):
+        those `search_axes` leaves out."""
+        if self.search_axes is None:
+            return {}
+        held = {}
+        for axis in SEARCH_AXES:
+            values = getattr(self, axis)
+            if axis not in self.search_axes and values is not None:
+                held[AXES[axis]] = _listify(values)[0]
+        return held
+
+    @model_validator(mode="after")
     def _given_needs_grid(self):
         orders = set(_listify(self.class_order or []))
         for entry in self.include:
@@ -236,11 +289,6 @@ class PlannedTrial:
         return "-".join(parts + [c.labels, f"s{c.seed}", c.key()[:6]])
 
 
-def short_dataset_name(spec: str) -> str:
-    kind, _, path = spec.partition(":")
-    return Path(path).name if path else kind
-
-
 @dataclass
 class Sweep:
     spec: SweepSpec
@@ -261,9 +309,26 @@ class Sweep:
         return self.spec.name
 
     def fingerprint(self) -> str:
-        """Identifies the set of trials: a resumed sweep must have the same one."""
-        keys = sorted(t.key for t in self.trials)
+        """Identifies the set of trials (and, for a search, how it chooses among them): a
+        resumed sweep must have the same one."""
+        keys: list = sorted(t.key for t in self.trials)
+        if self.spec.search != "grid":
+            keys.append(self.search_settings())
         return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:12]
+
+    def search_settings(self) -> dict[str, Any]:
+        s = self.spec
+        return {"search": s.search, "held": s.held_axes(), "criterion": s.criterion,
+                "parallel_probes": s.parallel_probes, "seeds": self.seeds(),
+                "early_stop": s.early_stop.margin_points if s.early_stop else None}
+
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(_listify(self.spec.seeds if self.spec.seeds is not None
+                                           else [0])))
+
+    def search_problems(self) -> list:
+        """The searches of a `search: lowest-passing` sweep (orchestrator/search.py)."""
+        return search_problems(self.trials, self.seeds(), self.spec.held_axes())
 
     def storage_path(self) -> Path:
         return Path(self.spec.storage).expanduser().resolve()
@@ -423,5 +488,25 @@ def load_sweep(path: str | os.PathLike, *,
     resolved = read_spec_mapping(text, str(path), parsed)
     spec = parse_spec(text, str(path), parsed)
     source = _with_overrides(str(path), parsed)
-    return Sweep(spec, str(path), expand(spec, source=source, dataset_info=dataset_info),
-                 overrides=tuple(o.text for o in parsed), resolved=resolved)
+    sweep = Sweep(spec, str(path), expand(spec, source=source, dataset_info=dataset_info),
+                  overrides=tuple(o.text for o in parsed), resolved=resolved)
+    if spec.search != "grid":
+        check_search(sweep, source)
+    return sweep
+
+
+def check_search(sweep: Sweep, source: str) -> None:
+    """A search needs a baseline at every schedule it searches, posters and no controls; early
+    stopping needs evaluations during distillation."""
+    try:
+        sweep.search_problems()
+    except SearchSpecError as exc:
+        raise SpecError(f"{source}: {exc.field}: {exc}") from None
+    if sweep.spec.early_stop is not None:
+        for trial in sweep.trials:
+            c = trial.config
+            if not 0 < c.eval_every < c.steps:
+                raise SpecError(f"{source}: early_stop: stopping early needs test accuracy "
+                                f"during distillation: set settings.eval_every to a number of "
+                                f"outer steps below steps ({c.steps}), e.g. "
+                                f"{max(1, c.steps // 4)}")

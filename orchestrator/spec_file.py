@@ -60,3 +60,9 @@ def read_spec_mapping(text: str, source: str = "<spec>",
         return apply_overrides(raw, overrides)
     except UserError as exc:
         raise SpecError(f"{source}: {exc}") from None
+
+
+def short_dataset_name(spec: str) -> str:
+    """A data set as people say it: `parquet:../x/cifar10-jpeg` is cifar10-jpeg."""
+    kind, _, path = spec.partition(":")
+    return Path(path).name if path else kind

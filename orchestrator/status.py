@@ -6,10 +6,12 @@ Used by `podd-sweep status`; reads only, and never creates a store that is not t
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from orchestrator.store import ERROR_TAG, KEY_TAG, SWEEP_TAG, run_records
+from orchestrator.store import (ERROR_TAG, KEY_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
+                                run_records)
 
 # a trial's progress: the furthest step logged, and its best test accuracy so far
 PROGRESS_METRICS = ("loss", "test_accuracy")
@@ -32,18 +34,26 @@ class SweepStatus:
     status: str
     planned: int
     trials: list[TrialStatus] = field(default_factory=list)
+    search: dict | None = None  # a search's progress (orchestrator/search.py, compacted)
 
     @property
     def counts(self) -> dict[str, int]:
         counts = Counter(t.status for t in self.trials)
         if self.planned > len(self.trials):
-            counts["NOT STARTED"] = self.planned - len(self.trials)
+            # a search runs only the trials it needs: the rest are not (yet) needed
+            counts["NOT NEEDED" if self.search and self.search_done else "NOT STARTED"] = \
+                self.planned - len(self.trials)
         return dict(counts)
+
+    @property
+    def search_done(self) -> bool:
+        return bool(self.search) and all(s["done"] for s in self.search["searches"])
 
     def to_dict(self) -> dict:
         """For `status --json`: the sweep, its counts and every trial."""
         return {"sweep": self.name, "status": self.status, "planned": self.planned,
-                "counts": self.counts, "trials": [dataclasses.asdict(t) for t in self.trials]}
+                "counts": self.counts, "search": self.search,
+                "trials": [dataclasses.asdict(t) for t in self.trials]}
 
     def highlights(self, best: int = 10) -> list[TrialStatus]:
         """What a long sweep's status shows: every trial that has not finished (running, failed,
@@ -67,12 +77,31 @@ def sweep_status(tracking_uri: str | None, experiment: str,
     out = []
     for parent in sorted(parents, key=lambda p: p.tags[SWEEP_TAG]):
         name = parent.tags[SWEEP_TAG]
-        entry = SweepStatus(name, parent.status, int(parent.params.get("trials", 0)))
+        search = json.loads(parent.tags[SEARCH_TAG]) if SEARCH_TAG in parent.tags else None
+        entry = SweepStatus(name, parent.status, int(parent.params.get("trials", 0)),
+                            search=search)
         for run in run_records(tracking_uri, experiment, sweep=name, peaks=PROGRESS_METRICS):
+            stopped = run.tags.get(STOPPED_EARLY_TAG)
             entry.trials.append(TrialStatus(
-                run.name, run.tags.get(KEY_TAG, ""), run.status,
+                run.name, run.tags.get(KEY_TAG, ""), "STOPPED-EARLY" if stopped else run.status,
                 max((run.steps.get(k, 0) for k in PROGRESS_METRICS), default=0),
-                run.peaks.get("test_accuracy"), run.tags.get(ERROR_TAG), run.run_id))
+                run.peaks.get("test_accuracy"), stopped or run.tags.get(ERROR_TAG),
+                run.run_id))
         entry.trials.sort(key=lambda t: t.name)
         out.append(entry)
+    return out
+
+
+def recorded_searches(tracking_uri: str | None, experiment: str,
+                      sweep: str | None = None) -> list[dict]:
+    """Every search recorded on the sweeps' parent runs (compacted, orchestrator/search.py),
+    each with its sweep's name and criterion."""
+    out = []
+    for parent in run_records(tracking_uri, experiment, role="sweep"):
+        name = parent.tags.get(SWEEP_TAG)
+        if SEARCH_TAG not in parent.tags or sweep not in (None, name):
+            continue
+        recorded = json.loads(parent.tags[SEARCH_TAG])
+        out += [{**search, "sweep": name, "criterion": recorded["criterion"]}
+                for search in recorded["searches"]]
     return out

@@ -26,8 +26,8 @@ from orchestrator.protocol import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, D
                                    EVENT, INFO, POSTER_PNG, STEP, error_line, metrics_of)
 from orchestrator.spec import PlannedTrial
 from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
-                                SWEEP_TAG, TERMINAL, artifact_location, runs_filter,
-                                search_all)
+                                SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, TERMINAL,
+                                artifact_location, runs_filter, search_all)
 
 
 # Tags a trial run gets at every (re)start: params are write-once, and a retried trial can run
@@ -70,6 +70,7 @@ class SweepRecorder:
         self._params: dict[str, set[str]] = {}  # run -> param keys already logged
         self._nodes: dict[str, list[str]] = {}  # run -> the node of each attempt so far
         self.failed: dict[str, str] = {}  # trial key -> error line
+        self.stopped_early: dict[str, str] = {}  # trial key -> why a search stopped it
         self.done: set[str] = set()  # trials whose runs had FINISHED before this process
 
     # Tune pickles its callbacks with the experiment and unpickles them when the sweep is
@@ -207,11 +208,29 @@ class SweepRecorder:
         self.client.log_batch(run_id, tags=[RunTag("podd.retries", str(retries)),
                                             RunTag("podd.last_error", error[:5000])])
 
+    def trial_stopped_early(self, key: str, reason: str) -> None:
+        """A search stopped the trial (its last results are still to come, then its end)."""
+        self.stopped_early[key] = reason
+
+    def search_progress(self, _key: str, summary: dict) -> None:
+        """A search's plan so far, on the sweep's parent run: a tag `status` reads, and the
+        whole of it as search.json."""
+        from orchestrator.search_record import progress_tag
+
+        self.client.set_tag(self.parent_id, SEARCH_TAG, progress_tag(summary))
+        self.client.log_text(self.parent_id, json.dumps(summary, indent=1), "search.json")
+
     def trial_finished(self, key: str, error: str | None = None,
                        error_detail: str | None = None) -> None:
         if key in self.done:
             return
         run_id = self.runs[key]
+        if key in self.stopped_early and not error:
+            # not a finished run of the schedule: KILLED, with the reason
+            self.client.set_tag(run_id, STOPPED_EARLY_TAG, self.stopped_early[key][:5000])
+            self.client.set_terminated(run_id, "KILLED")
+            self.done.add(key)
+            return
         error = error or self.failed.get(key)
         if error:
             self.failed[key] = error

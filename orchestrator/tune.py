@@ -30,7 +30,7 @@ from orchestrator.driver_lock import DriverLock
 from orchestrator.faults import FAULTS_ENV, FaultPlan
 from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handled_by, say,
                                     stop_grace_s)
-from orchestrator.protocol import DIVERGED, ERROR, EVENT, FINAL, error_line, metrics_of
+from orchestrator.protocol import DIVERGED, ERROR, EVAL, EVENT, FINAL, error_line, metrics_of
 from orchestrator.spec import PlannedTrial, SpecError, Sweep
 from orchestrator.record_writer import RecordWriter
 from orchestrator.store import check_tracking_server, prepare_sqlite_store
@@ -78,6 +78,8 @@ class SweepOutcome:
     errors: dict[str, str] = field(default_factory=dict)  # trial name -> error line
     accuracy: dict[str, float] = field(default_factory=dict)  # trial name -> test accuracy
     tracking_gave_up: str | None = None  # why the record stopped (the store stayed away)
+    search: dict | None = None  # a search's answer so far (orchestrator/search.py, compacted)
+    tune_trials: dict[str, int] = field(default_factory=dict)  # trial key -> Tune trials of it
 
     @property
     def failed(self) -> list[str]:
@@ -274,10 +276,12 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
         outcome = SweepOutcome(sweep.name, experiment_dir, uri, recorder.parent_id, can_restore)
         names = TrialNames({t.key: t.name for t in sweep.trials})
         tuner = _make_tuner(sweep, experiment_dir, uri, can_restore, names,
-                            [TrackingCallback(writer), stop], verbose)
+                            [TrackingCallback(writer), stop], verbose, writer)
         with ctrl_c_handled_by(stop):
             results = tuner.fit()
-        _collect(outcome, results, names)
+        _collect(outcome, results, names, searching=sweep.spec.search != "grid")
+        if sweep.spec.search != "grid":
+            outcome.search = search_summary(sweep, results)
         status = "FAILED" if outcome.failed else ("KILLED" if outcome.unfinished else "FINISHED")
     except BaseException:
         _wind_up(stop, recorder, writer, "KILLED", owns_ray, unwinding=True)
@@ -288,8 +292,22 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
     return outcome
 
 
+def _search(sweep: Sweep, writer: RecordWriter | None, trials: int) -> dict:
+    """The TuneConfig fields of a `search: lowest-passing` sweep: the planner as Tune's
+    searcher (at most every trial of the grid), early stopping as its scheduler."""
+    from orchestrator.search_tune import EarlyStopAgainstBaseline, LowestPassingSearcher
+
+    spec = sweep.spec
+    searcher = LowestPassingSearcher(sweep.search_problems(), criterion=spec.criterion,
+                                     parallel_probes=spec.parallel_probes, writer=writer)
+    scheduler = (EarlyStopAgainstBaseline(searcher, spec.early_stop.margin_points / 100)
+                 if spec.early_stop is not None else None)
+    return {"search_alg": searcher, "scheduler": scheduler, "num_samples": trials}
+
+
 def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_restore: bool,
-                names: TrialNames, callbacks: list, verbose: int):
+                names: TrialNames, callbacks: list, verbose: int,
+                writer: RecordWriter | None = None):
     stop_file = next(c.stop_file for c in callbacks if isinstance(c, GracefulStop))
     # the grid is over trial keys (short in Tune's table); the configs travel by object store
     payloads = {t.key: trial_payload(t, sweep, stop_file) for t in sweep.trials}
@@ -302,8 +320,11 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
         write_sweep_state(sweep, experiment_dir, tracking_uri)
     # Tune does not save the param space in tuner.pkl: a restore without it, of a driver
     # killed after tuner.pkl was written but before any trial was, generates one trial with
-    # an empty config. Given again, it is used only where no searcher state was saved.
-    param_space = {"trial": tune.grid_search(list(payloads))}
+    # an empty config. Given again, it is used only where no searcher state was saved. A
+    # search has none: its searcher (restored with its state) hands out the trials.
+    searching = sweep.spec.search != "grid"
+    param_space = {} if searching else {"trial": tune.grid_search(list(payloads))}
+    search = _search(sweep, writer, len(payloads)) if searching else {}
     if can_restore:
         # the restored experiment brings back its pickled callbacks, which unpickle as the ones
         # of this launch (same sweep, same store: _check_resumable)
@@ -317,7 +338,7 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.spec.max_concurrent,
                                     reuse_actors=True,
                                     trial_name_creator=names,
-                                    trial_dirname_creator=names),
+                                    trial_dirname_creator=names, **search),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(sweep.storage_path()),
             failure_config=tune.FailureConfig(max_failures=sweep.spec.max_failures),
@@ -370,9 +391,12 @@ def _check_resources_fit(sweep: Sweep, nodes: list[dict]) -> None:
                             f"{most:g}: {fix}")
 
 
-def _collect(outcome: SweepOutcome, results, names: TrialNames) -> None:
+def _collect(outcome: SweepOutcome, results, names: TrialNames, searching: bool = False
+             ) -> None:
     for result in results:
-        name = names[result.config["trial"]]
+        key = result.config["trial"]
+        name = names[key]
+        outcome.tune_trials[key] = outcome.tune_trials.get(key, 0) + 1
         metrics = result.metrics or {}
         if result.error is not None:
             outcome.states[name] = "FAILED"
@@ -384,5 +408,31 @@ def _collect(outcome: SweepOutcome, results, names: TrialNames) -> None:
             outcome.states[name] = "FINISHED"
             if "test_accuracy" in metrics_of(metrics):
                 outcome.accuracy[name] = metrics_of(metrics)["test_accuracy"]
+        elif searching and metrics.get(EVENT) == EVAL:  # the scheduler ended it there
+            outcome.states[name] = "STOPPED-EARLY"
         else:
             outcome.states[name] = "UNFINISHED"
+
+
+def search_summary(sweep: Sweep, results) -> dict:
+    """The search's plans from what Tune's results say became of each trial it ran."""
+    from orchestrator.search import FAILED, FINISHED, STOPPED_EARLY, Outcome, make_plan
+    from orchestrator.search_record import compact
+
+    outcomes, running = {}, set()
+    for result in results:
+        key, metrics = result.config["trial"], result.metrics or {}
+        if result.error is not None or metrics.get(EVENT) == DIVERGED:
+            outcomes[key] = Outcome(FAILED)
+        elif metrics.get(EVENT) == FINAL:
+            outcomes[key] = Outcome(FINISHED, metrics_of(metrics).get("test_accuracy"))
+        elif metrics.get(EVENT) == EVAL:
+            outcomes[key] = Outcome(STOPPED_EARLY)
+        else:
+            running.add(key)
+    spec = sweep.spec
+    return {"criterion": spec.criterion, "searches": [
+        compact({"label": problem.label, "dataset": problem.dataset,
+                 **make_plan(problem, outcomes, running & set(problem.keys), spec.criterion,
+                             spec.parallel_probes).summary()})
+        for problem in sweep.search_problems()]}

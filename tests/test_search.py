@@ -1,0 +1,165 @@
+"""`search: lowest-passing`'s planner (orchestrator/search.py) on accuracy curves, against the
+grid's answer over the same draws; its Tune searcher and early-stopping scheduler on Tune's
+own calls; the spec's checks. The real sweeps are in tests/test_search_sweep.py."""
+
+import random
+import statistics
+
+from orchestrator.search import (ANSWER_NONE, ANSWER_PASS, FAILED, FINISHED, OPEN,
+                                 STOPPED_EARLY, Candidate, Outcome, SearchProblem, make_plan,
+                                 search_cost)
+from orchestrator.search_record import compact, describe
+from orchestrator.verdict import Baseline, row_passes
+
+IPCS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+SEEDS = (0, 1, 2)
+
+
+def problem(ipcs=IPCS, seeds=SEEDS, configurations=("16x6",)) -> SearchProblem:
+    baseline = tuple(Candidate(f"b{s}", "baseline", 1.0, "", s) for s in seeds)
+    posters = tuple(Candidate(f"p{ipc}-{c}-{s}", "poster", ipc, c, s)
+                    for ipc in ipcs for c in configurations for s in seeds)
+    return SearchProblem(baseline, posters, seeds, "test")
+
+
+def draws(prob: SearchProblem, curve, baseline=0.532, spread=0.007, seed=0):
+    """Every trial's accuracy, drawn once: the grid and the search see the same numbers."""
+    rng = random.Random(seed)
+    out = {}
+    for c in prob.baseline + prob.posters:
+        mean = baseline if c.role == "baseline" else curve(c.ipc, c.configuration)
+        out[c.key] = Outcome(FINISHED, mean + rng.gauss(0, spread))
+    return out
+
+
+def run_search(prob, truth, parallel_probes=1, criterion="beats", rounds=50):
+    """Run the planner to the end, all trials of a round finishing together."""
+    outcomes = {}
+    for _ in range(rounds):
+        plan = make_plan(prob, outcomes, (), criterion, parallel_probes)
+        if not plan.to_run:
+            return plan, outcomes
+        for key in plan.to_run:
+            assert key not in outcomes, f"{key} run twice"
+            outcomes[key] = truth[key]
+    raise AssertionError("the search did not end")
+
+
+def grid_answer(prob, truth, criterion="beats"):
+    """What `report` says of the full grid: the lowest IPC whose best configuration passes."""
+    base = [truth[c.key].accuracy for c in prob.baseline]
+    baseline = Baseline(statistics.fmean(base), statistics.stdev(base), "grid", len(base))
+    passing = []
+    for ipc in prob.ipcs:
+        rows = []
+        for configuration in prob.configurations(ipc):
+            values = [truth[c.key].accuracy for c in prob.posters
+                      if c.ipc == ipc and c.configuration == configuration]
+            rows.append({"accuracy": statistics.fmean(values),
+                         "accuracy_std": statistics.stdev(values), "runs": len(values)})
+        best = max(rows, key=lambda r: r["accuracy"])
+        if row_passes(best, baseline, criterion):
+            passing.append(ipc)
+    return min(passing, default=None)
+
+
+def table1(ipc, _configuration):  # CIFAR-10's Table 1 row (PoDD), as fractions
+    return {1.0: .591, 0.9: .584, 0.8: .567, 0.7: .546, 0.6: .506, 0.5: .495, 0.4: .471,
+            0.3: .423}[ipc]
+
+
+def test_bisection_finds_the_grids_answer_with_fewer_trials():
+    prob = problem()
+    agree, counts = 0, []
+    for seed in range(20):
+        truth = draws(prob, table1, seed=seed)
+        plan, outcomes = run_search(prob, truth)
+        assert plan.done and plan.state in (ANSWER_PASS, ANSWER_NONE)
+        agree += plan.answer == grid_answer(prob, truth)
+        counts.append(len(outcomes))
+    assert agree == 20  # a monotone curve: the search and the grid always agree
+    assert max(counts) < len(prob.keys) and statistics.fmean(counts) <= 0.5 * len(prob.keys)
+
+
+def test_the_first_round_runs_the_baseline_and_the_middle_ipc_with_two_seeds():
+    plan = make_plan(problem(), {})
+    assert plan.to_run == ["b0", "b1", "b2", "p0.6-16x6-0", "p0.6-16x6-1"]
+    assert plan.state == OPEN and not plan.done
+    # nothing more until the baseline is known: every decision compares with it
+    half = {k: Outcome(FINISHED, 0.6) for k in ("p0.6-16x6-0", "p0.6-16x6-1")}
+    assert make_plan(problem(), half, running=["b0", "b1", "b2"]).to_run == []
+
+
+def test_a_seed_is_added_only_where_the_interval_straddles_zero():
+    prob = problem()
+    baseline = {f"b{s}": Outcome(FINISHED, 0.50 + 0.001 * s) for s in SEEDS}
+    clear = {**baseline, "p0.6-16x6-0": Outcome(FINISHED, 0.60),
+             "p0.6-16x6-1": Outcome(FINISHED, 0.601)}
+    assert "p0.6-16x6-2" not in make_plan(prob, clear).to_run  # surely above: decided
+    unsure = {**baseline, "p0.6-16x6-0": Outcome(FINISHED, 0.45),
+              "p0.6-16x6-1": Outcome(FINISHED, 0.57)}
+    plan = make_plan(prob, unsure)
+    assert plan.to_run == ["p0.6-16x6-2"]  # the next seed, and no new probe meanwhile
+    # the seeds run out: the criterion decides on the mean (0.51 >= 0.501 beats)
+    done = {**unsure, "p0.6-16x6-2": Outcome(FINISHED, 0.51)}
+    plan = make_plan(prob, done)
+    assert plan.probes[0].state == "pass" and plan.to_run[0].startswith("p0.4")
+    # `significant` does not pass what it cannot tell apart
+    assert make_plan(prob, done, criterion="significant").probes[0].state == "fail"
+
+
+def test_each_configuration_at_a_probe_is_run_and_the_best_one_decides():
+    prob = problem(configurations=("16x6", "8x3"))
+    plan = make_plan(prob, {})
+    assert {k for k in plan.to_run if k.startswith("p")} == {
+        "p0.6-16x6-0", "p0.6-16x6-1", "p0.6-8x3-0", "p0.6-8x3-1"}
+    curve = lambda ipc, c: table1(ipc, c) - (0.05 if c == "8x3" else 0.0)  # noqa: E731
+    truth = draws(prob, curve, seed=3)
+    plan, _ = run_search(prob, truth)
+    assert plan.answer == grid_answer(prob, truth)
+
+
+def test_a_curve_that_is_not_monotone_is_said_and_the_ipcs_between_are_probed():
+    prob = problem()
+    # passes at 0.5 and 0.6, fails at 0.7 and 0.8, passes again above
+    shape = {0.3: .40, 0.4: .45, 0.5: .60, 0.6: .60, 0.7: .45, 0.8: .45, 0.9: .60, 1.0: .60}
+    truth = draws(prob, lambda ipc, c: shape[ipc], baseline=0.5, spread=0.002)
+    plan, outcomes = run_search(prob, truth, parallel_probes=2)
+    assert any("not monotone" in note for note in plan.notes)
+    probed = {p.ipc: p.state for p in plan.probes}
+    assert probed[0.7] == "fail" and probed[0.6] == "pass"
+    assert plan.answer == grid_answer(prob, truth) == 0.5
+    assert plan.done
+
+
+def test_early_stopped_and_failed_trials():
+    prob = problem()
+    baseline = {f"b{s}": Outcome(FINISHED, 0.50 + 0.01 * s) for s in SEEDS}
+    stopped = {**baseline, "p0.6-16x6-0": Outcome(STOPPED_EARLY, reason="below"),
+               "p0.6-16x6-1": Outcome(FINISHED, 0.6)}
+    plan = make_plan(prob, stopped)
+    assert plan.probes[0].state == "fail"  # an early stop is a fail: no seed added for it
+    assert not any(k.startswith("p0.6") for k in plan.to_run)
+    crashed = {**baseline, **{f"p0.6-16x6-{s}": Outcome(FAILED) for s in SEEDS}}
+    plan = make_plan(prob, crashed)
+    assert plan.probes[0].state == "unjudgeable" and "cannot be judged" in plan.notes[0]
+    nothing = {f"b{s}": Outcome(FAILED) for s in SEEDS}
+    assert make_plan(prob, nothing).state == "no-baseline"
+
+
+def test_describe_says_the_answer_and_what_was_saved():
+    prob = problem()
+    plan, _ = run_search(prob, draws(prob, table1))
+    lines = describe(compact({"label": "cifar10, podd", **plan.summary()}))
+    assert lines[0] == (f"cifar10, podd: {plan.answer:g} IPC is the lowest at which the poster "
+                        f"beats the baseline ({plan.bracket[0]:g} IPC fails below it)")
+    assert lines[-1].endswith(f"of the grid's 27 trials run ({27 - plan.trials_run} not "
+                              f"needed)")
+
+
+def test_search_cost_is_the_planner_run_on_made_up_outcomes():
+    cost = search_cost(problem())
+    assert cost.grid == 27
+    assert 3 + 2 * 3 <= cost.expected < 27 / 2  # the baseline and about log2(9) probes
+    assert cost.worst_monotone == 3 + 3 * 4  # 4 probes, every seed each
+    assert search_cost(problem(), parallel_probes=2).expected > cost.expected
