@@ -115,7 +115,9 @@ Order = Literal[ORDERINGS]
 Labels = Literal[LABEL_MODES]
 
 
-def _one_or_more(kind):
+def _one_or_more(kind, optional: bool = True):
+    if not optional:
+        return Union[kind, Annotated[list[kind], Field(min_length=1)]]
     return Union[kind, Annotated[list[kind], Field(min_length=1)], None]
 
 
@@ -161,8 +163,8 @@ class SweepSpec(AxisValues):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="letters, digits, '.', '_' and '-'")
-    dataset: _one_or_more(str)
-    ipc: _one_or_more(Positive)
+    dataset: _one_or_more(str, optional=False)  # `dataset: null` is no data set
+    ipc: _one_or_more(Positive, optional=False)
     include: list[AxisValues] = []
     preset: Union[str, None] = None
     settings: dict[str, Any] = {}

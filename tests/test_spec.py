@@ -40,6 +40,9 @@ def digits_info(name):
      "method[1]: Input should be 'podd', 'rat-bptt' or 'random-real' (got 'mtt')"),
     ("name: t\ndataset: digits\nipc: 1\npatch_grid: 16by6\n", "patch_grid: grid '16by6' is not"),
     ("name: t\ndataset: digits\nipc: 1\nseeds: []\n", "seeds: List should have at least 1 item"),
+    # found by the property test: a null data set was a KeyError when the trials were made
+    ("name: t\ndataset: null\nipc: 1\n", "dataset: Input should be a valid string (got None)"),
+    ("name: t\ndataset: digits\nipc: null\n", "ipc: Input should be a valid number (got None)"),
     ("name: t\ndataset: digits\nipc: 1\ninclude: [{method: rat-bptt, ipcs: 1}]\n",
      "include[0].ipcs: unknown key"),
     ("name: t\ndataset: digits\nipc: 1\nresources: {cpu: 1, gpus: 1}\n",
