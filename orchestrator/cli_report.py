@@ -25,7 +25,7 @@ def report_command(
              "width=64, sweep=smoke).")] = [],
     baseline: Annotated[str, typer.Option(
         help="measured (the rat-bptt 1-IPC runs of each schedule) | paper (the paper's "
-             "Table 2, for schedules without a measured one too) | a number in %")] = "measured",
+             "Table 2, for every schedule, measured baselines or not) | a number in %")] = "measured",
     criterion: Annotated[str, typer.Option(
         help="beats (mean >= baseline) | comparable (within one baseline std) | significant "
              "(the 95 % interval of the difference above zero)")] = "beats",

@@ -177,7 +177,7 @@ def measured_baseline(rows: list[dict]) -> Baseline | None:
                     what, runs, list(best["run_ids"]))
 
 
-def _controls_for(podd: dict, controls: list[dict]) -> dict | None:
+def control_for(podd: dict, controls: list[dict]) -> dict | None:
     """The undistilled control with the same storage as a PoDD configuration: same IPC,
     preferably the same patches, order and labels; the best one when several."""
     same_ipc = [c for c in controls if c["ipc"] == podd["ipc"]]
@@ -225,7 +225,7 @@ def judge(podd: list[dict], baseline: Baseline, criterion: str, budget: str,
     for ipc in sorted({judged_ipc(r) for r in podd}):
         best = best_row([r for r in podd if judged_ipc(r) == ipc])
         interval = interval_to(best, baseline)
-        control = _controls_for(best, controls)
+        control = control_for(best, controls)
         results.append(IpcResult(
             ipc, best["accuracy"], best["accuracy_std"], best["runs"],
             row_passes(best, baseline, criterion), configuration_label(best, extra_axes),

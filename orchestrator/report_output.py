@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from orchestrator.report import DatasetReport, ScheduleReport, role_of
+from orchestrator.report import (DatasetReport, ScheduleReport, control_for, json_safe,
+                                 role_of)
 from orchestrator.verdict import NONE_PASSES, PASS, interval_to, row_passes
 from orchestrator.store import open_store, runs_filter, search_all
 from podd_engine.methods import CONTROL, POSTER
@@ -34,12 +35,15 @@ def judged_rows(report: DatasetReport, schedule: ScheduleReport) -> list[dict]:
     row names the baseline runs it was judged against. Run ids and seeds stay lists."""
     judged = {tuple(r.run_ids): r for r in schedule.verdict.per_ipc}  # the best per IPC
     b = schedule.baseline
+    groups = schedule.groups.to_pylist()
+    controls = [g for g in groups if role_of(g["method"]) == CONTROL]
     rows = []
-    for row in schedule.groups.to_pylist():
+    for row in groups:
         role = role_of(row["method"]) or ""
         podd = role == POSTER
         interval = interval_to(row, b) if podd and b is not None else None
         result = judged.get(tuple(row["run_ids"])) if podd else None
+        control = control_for(row, controls) if podd else None  # each PoDD row's own
         row.update(
             report=report.dataset, schedule_label=schedule.label, role=role,
             best=result is not None,
@@ -50,9 +54,9 @@ def judged_rows(report: DatasetReport, schedule: ScheduleReport) -> list[dict]:
             baseline_accuracy=b.accuracy if b else None, baseline_std=b.std if b else None,
             baseline_source=b.source if b else None,
             baseline_run_ids=list(b.run_ids) if b else [],
-            control_accuracy=result.control_accuracy if result else None,
-            gain_over_control=result.gain_over_control if result else None,
-            control_run_ids=list(result.control_run_ids) if result else [],
+            control_accuracy=control["accuracy"] if control else None,
+            gain_over_control=row["accuracy"] - control["accuracy"] if control else None,
+            control_run_ids=list(control["run_ids"]) if control else [],
             criterion=report.criterion, budget=report.budget, verdict=schedule.verdict.state,
             lowest_ipc=schedule.verdict.lowest_ipc)
         rows.append(row)
@@ -76,9 +80,16 @@ def groups_with_verdict(report: DatasetReport) -> pa.Table:
 
 
 def report_json(reports: list[DatasetReport]) -> str:
-    # allow_nan=False: to_dict already made NaN null; a NaN that slipped through is a bug
-    return json.dumps({"datasets": [r.to_dict() for r in reports]}, indent=2, allow_nan=False,
-                      default=str)
+    """The reports as JSON; each schedule's `groups` are its judged rows (the CSV's columns,
+    with run ids and seeds as lists)."""
+    datasets = []
+    for report in reports:
+        entry = report.to_dict()
+        for schedule, out in zip(report.schedules, entry["schedules"]):
+            out["groups"] = json_safe(judged_rows(report, schedule))
+        datasets.append(entry)
+    # allow_nan=False: json_safe made NaN null; a NaN that slipped through is a bug
+    return json.dumps({"datasets": datasets}, indent=2, allow_nan=False, default=str)
 
 
 def fmt_accuracy(mean: float, std: float | None) -> str:

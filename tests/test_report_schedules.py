@@ -115,6 +115,11 @@ def test_cli_names_the_schedules_in_every_format(schedules, tmp_path):
     (data,) = as_json["datasets"]
     assert [s["label"] for s in data["schedules"]] == ["steps=4", "steps=6", "steps=8"]
     assert data["schedules"][0]["settings"]["steps"] == "4"
+    # JSON rows say what each was judged against, as the CSV's do (run ids as lists)
+    json_judged = [r for r in data["schedules"][0]["groups"] if r["method"] == "podd"]
+    assert json_judged and all(
+        set(r["baseline_run_ids"]) == trial_ids(schedules, "both", "rat-bptt")
+        and r["role"] == "poster" and r["passes"] in (True, False) for r in json_judged)
     runner.invoke(app, args + ["--format", "csv", "--output", str(tmp_path / "r.csv")])
     rows = pyarrow.csv.read_csv(tmp_path / "r.csv").to_pylist()
     assert {r["schedule_label"] for r in rows} == {"steps=4", "steps=6", "steps=8"}
@@ -122,6 +127,12 @@ def test_cli_names_the_schedules_in_every_format(schedules, tmp_path):
     assert judged and all(r["baseline_run_ids"] for r in judged)
     narrowed = runner.invoke(app, args + ["--where", "steps=4"])
     assert "schedules, told apart" not in narrowed.output
+    # --where is repeatable: every condition must hold
+    both = json.loads(runner.invoke(app, args + ["--where", "steps=4", "--where", "sweep=both",
+                                                 "--format", "json"]).stdout)
+    assert [s["label"] for s in both["datasets"][0]["schedules"]] == [""]
+    none = runner.invoke(app, args + ["--where", "steps=4", "--where", "sweep=podd-only"])
+    assert none.exit_code == 2 and "match --where steps=4 sweep=podd-only" in none.stderr
     bad = runner.invoke(app, args + ["--where", "steps"])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --where must be KEY=VALUE")
 
