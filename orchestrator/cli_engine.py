@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from orchestrator.cli import (CacheDirOption, DataRootOption, TrackingUriOption, app, console,
+from orchestrator.cli_app import (CacheDirOption, DataRootOption, TrackingUriOption, app, console,
                               datasets_app, err_console, progress_bar, user_errors)
 from podd_engine.methods import get_method
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from orchestrator.cli import TrackingUriOption, app, console, err_console, user_errors
+from orchestrator.cli_app import TrackingUriOption, app, console, err_console, user_errors
 
 
 @app.command("report",

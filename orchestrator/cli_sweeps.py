@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from orchestrator.cli import (TrackingUriOption, app, console, err_console, progress_bar,
+from orchestrator.cli_app import (TrackingUriOption, app, console, err_console, progress_bar,
                               user_errors)
 from podd_engine.errors import first_line
 from podd_engine.methods import get_method

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ray import tune
 
-from orchestrator.spec import SpecError
+from orchestrator.spec_file import SpecError
 from orchestrator.protocol import EVENT, STOPPED
 
 STOP_GRACE_ENV = "PODD_SWEEP_STOP_GRACE_S"  # how long a first Ctrl-C waits for checkpoints

@@ -117,3 +117,44 @@ def test_every_field_of_an_unsealed_artifact_is_checked(key, saved_artifact, tmp
         (folder / "poster.json").write_text(json.dumps(meta))
         result = runner.invoke(app, ["evaluate", str(folder), "--models", "1", "--device", "cpu"])
         assert_one_line_or_ok(result)
+
+
+DISTILL_OPTIONS = ["--ipc", "--steps", "--eval-models", "--seed", "--device", "--preset",
+                   "--method", "--labels", "--order", "--embedder", "--class-grid",
+                   "--patch-grid"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(option=st.sampled_from(DISTILL_OPTIONS), value=VALUE_TEXTS)
+def test_any_typed_distill_option_is_accepted_or_one_line(option, value):
+    """The typed options, parsed by the command line itself (a number that is no number, a
+    choice that is none): `--print-config` resolves the settings and runs nothing."""
+    result = runner.invoke(app, ["distill", "--dataset", "digits", "--print-config", option,
+                                 value])
+    assert_one_line_or_ok(result)
+
+
+def test_every_typed_option_of_every_command_refuses_garbage_in_one_line():
+    """Each option that takes a number, of every command, given something that is none: one
+    line naming the command and the option (typer's own is a boxed, multi-line message)."""
+    import typer
+
+    command = typer.main.get_command(app)
+    checked = 0
+    for name, sub in command.commands.items():
+        for path, leaf in ([([name], sub)] if not hasattr(sub, "commands") else
+                           [([name, n], c) for n, c in sub.commands.items()]):
+            for param in leaf.params:
+                # (typer vendors its own click: the option's kind by name, not by class)
+                if param.param_type_name != "option" or getattr(param, "is_flag", False):
+                    continue
+                if param.type_descriptor.annotation not in (int, float):
+                    continue
+                args = [*path, *(["SPEC"] if name == "launch" else []), param.opts[0], "abc"]
+                result = runner.invoke(app, args)
+                lines = [line for line in result.stderr.splitlines() if line.strip()]
+                assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
+                assert lines[0].startswith(f"error: podd-sweep {' '.join(path)}: Invalid "
+                                           f"value for '{param.opts[0]}'"), lines[0]
+                checked += 1
+    assert checked >= 6  # --ipc, --steps, --eval-models, --seed, --models, --port, --workers...
