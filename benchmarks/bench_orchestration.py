@@ -51,7 +51,7 @@ def main() -> None:
     import ray
     from mlflow import MlflowClient
 
-    from orchestrator.spec import load_sweep
+    from orchestrator.sweep import load_sweep
     from orchestrator.tune import launch
     from podd_engine.data import create_dataset
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from orchestrator.cost import MODELS, trial_cost
-from orchestrator.spec import PlannedTrial
+from orchestrator.sweep import PlannedTrial
 from podd_engine.config import make_config
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "results" / "cost-fit.json"

@@ -20,7 +20,9 @@ def _load_checked_sweep(spec: Path, overrides: list[str] | None = None, *,
     sets (any problem: a SpecError). A dry run (`download=False`) downloads nothing."""
     from podd_engine import data
     from orchestrator.overrides import parse_overrides
-    from orchestrator.spec import SpecError, load_sweep, parse_spec, read_spec_text
+    from orchestrator.spec import parse_spec
+    from orchestrator.spec_file import SpecError, read_spec_text
+    from orchestrator.sweep import load_sweep
 
     if not spec.is_file():
         raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "
@@ -79,7 +81,7 @@ def _embedder_problems(sweep) -> list[str]:
 
 def _trial_table(sweep, costs) -> Table:
     from orchestrator.cost import duration
-    from orchestrator.spec import short_dataset_name
+    from orchestrator.spec_file import short_dataset_name
 
     table = Table(title=f"sweep {sweep.name}: {len(sweep.trials)} trials", title_justify="left")
     numeric = ("#", "IPC", "achieved", "seed", "outer steps", "est. time")
@@ -151,7 +153,7 @@ def launch_command(
     A first Ctrl-C lets running trials save a checkpoint and stops (exit 130); a second one,
     or one while the sweep starts, stops at once with one line (exit 130)."""
     try:
-        from orchestrator.spec import SpecError  # imports torch: seconds a Ctrl-C can land in
+        from orchestrator.spec_file import SpecError
 
         with user_errors():
             if print_spec:
@@ -199,8 +201,9 @@ def _print_resolved_spec(spec: Path, overrides: list[str] | None) -> None:
     import yaml
 
     from orchestrator.overrides import describe, parse_overrides
-    from orchestrator.spec import (SpecError, expand, parse_spec, read_spec_mapping,
-                                   read_spec_text)
+    from orchestrator.spec import parse_spec
+    from orchestrator.spec_file import SpecError, read_spec_mapping, read_spec_text
+    from orchestrator.sweep import expand
 
     if not spec.is_file():
         raise SpecError(f"no sweep spec at {spec}: give the path of a YAML file such as "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator.protocol import (ARTIFACT_DIR, FINAL, INFO, POSTER_PNG, STEP, error_line,
                                    report)
-from orchestrator.spec import PlannedTrial
+from orchestrator.sweep import PlannedTrial
 from orchestrator.store import check_tracking_server, prepare_sqlite_store, resolve_tracking_uri
 from orchestrator.tracking import SweepRecorder
 

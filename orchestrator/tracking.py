@@ -24,7 +24,7 @@ from ray import tune
 
 from orchestrator.protocol import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, DIVERGED, ERROR,
                                    EVENT, INFO, POSTER_PNG, STEP, error_line, metrics_of)
-from orchestrator.spec import PlannedTrial
+from orchestrator.sweep import PlannedTrial
 from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
                                 SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, TERMINAL,
                                 artifact_location, runs_filter, search_all)

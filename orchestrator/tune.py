@@ -31,7 +31,8 @@ from orchestrator.faults import FAULTS_ENV, FaultPlan
 from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handled_by, say,
                                     stop_grace_s)
 from orchestrator.protocol import DIVERGED, ERROR, EVAL, EVENT, FINAL, error_line, metrics_of
-from orchestrator.spec import PlannedTrial, SpecError, Sweep
+from orchestrator.spec_file import SpecError
+from orchestrator.sweep import PlannedTrial, Sweep
 from orchestrator.record_writer import RecordWriter
 from orchestrator.store import check_tracking_server, prepare_sqlite_store
 from orchestrator.tracking import RecordedSweep, SweepRecorder, TrackingCallback

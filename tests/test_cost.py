@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.cost import SweepCost, TrialCost, trial_cost
-from orchestrator.spec import PlannedTrial
+from orchestrator.sweep import PlannedTrial
 from podd_engine.config import make_config
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "results" / "cost-fit.json"

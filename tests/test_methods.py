@@ -11,7 +11,8 @@ import torch
 
 from orchestrator.report import build_report
 from orchestrator.runs import gathered_from
-from orchestrator.spec import expand, parse_spec
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import expand
 from orchestrator.store import KEY_TAG, SWEEP_TAG, RunRecord
 from podd_engine import distill
 from podd_engine.data import create_dataset

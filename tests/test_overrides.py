@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.overrides import apply_overrides, parse_override, parse_overrides
-from orchestrator.spec import SpecError, load_sweep
+from orchestrator.spec_file import SpecError
+from orchestrator.sweep import load_sweep
 from podd_engine.data import create_dataset
 from podd_engine.errors import UserError
 

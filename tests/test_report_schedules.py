@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.report import build_report
 from orchestrator.runs import ReportError, gather_runs, parse_where
-from orchestrator.spec import load_sweep
+from orchestrator.sweep import load_sweep
 from orchestrator.tune import launch
 from podd_engine.data import create_dataset
 

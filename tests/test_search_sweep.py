@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.search import FINISHED, Outcome, make_plan
-from orchestrator.spec import load_sweep
+from orchestrator.sweep import load_sweep
 from orchestrator.tune import launch
 from podd_engine.data import create_dataset
 

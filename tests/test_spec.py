@@ -8,7 +8,9 @@ from datafiles import write_cifar_folder
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.spec import SpecError, expand, load_sweep, parse_spec
+from orchestrator.spec import parse_spec
+from orchestrator.spec_file import SpecError
+from orchestrator.sweep import expand, load_sweep
 from podd_engine.data import create_dataset
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.spec import load_sweep
+from orchestrator.sweep import load_sweep
 from orchestrator.faults import FAULTS_ENV
 from orchestrator.tune import SWEEP_STATE, launch, write_sweep_state
 from podd_engine import fileio

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from mlflow import MlflowClient
 
-from orchestrator.spec import load_sweep
+from orchestrator.sweep import load_sweep
 from orchestrator.protocol import EVAL, FINAL, STEP, report
 from orchestrator.tracking import SweepRecorder, _error_text
 from podd_engine.data import create_dataset
