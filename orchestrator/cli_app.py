@@ -101,10 +101,12 @@ _usage_errors_in_one_line()
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn errors the user can fix into one line on stderr and exit code 2."""
+    """Turn errors the user can fix into one line on stderr and exit code 2. They are raised
+    as `UserError` (podd_engine.errors: with the field at fault where known); a ValueError or a
+    missing file from a library below is shown the same way rather than as a traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as exc:  # UserError (podd_engine.errors) and kin
+    except (ValueError, FileNotFoundError) as exc:  # UserError is a ValueError
         err_console.print(f"[bold red]error:[/] {escape(first_line(exc))}", highlight=False,
                           soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from orchestrator.cli_app import (CacheDirOption, DataRootOption, TrackingUriOption, app, console,
                               datasets_app, err_console, progress_bar, user_errors)
+from podd_engine.errors import UserError
 from podd_engine.methods import get_method
 
 if TYPE_CHECKING:
@@ -124,23 +125,22 @@ def _parse_settings(pairs: list[str]) -> dict:
     """--set key=value pairs (values read as YAML: 3, 0.5, true, [1, 2], text), parsed as the
     sweep overrides are (orchestrator/overrides.py): an empty or malformed value is one line."""
     from orchestrator.overrides import parse_override
-    from podd_engine.errors import UserError
 
     settings = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {pair!r} is not KEY=VALUE: write e.g. --set window=10")
+            raise UserError(f"--set {pair!r} is not KEY=VALUE: write e.g. --set window=10")
         try:
             setting = parse_override(f"{key.strip().replace('-', '_')}={value}")
         except UserError as exc:
-            raise ValueError(str(exc).replace("override ", "--set ", 1)
+            raise UserError(str(exc).replace("override ", "--set ", 1)
                              .replace("or seeds=[0]", "or window=10")
                              .replace(f"or {key.strip()}=null to use the default",
                                       f"or leave {key.strip()} out for its default")
                              ) from None
         if len(setting.path) > 1 or setting.value is None:
-            raise ValueError(f"--set {pair!r}: give one setting of TrialConfig and a value, "
+            raise UserError(f"--set {pair!r}: give one setting of TrialConfig and a value, "
                              f"e.g. --set window=10 (leave a setting out for its default)")
         settings[setting.path[0]] = setting.value
     return settings
@@ -233,7 +233,7 @@ def distill_command(
             cache_dir=str(cache_dir) if cache_dir else None)
         for key in extra:
             if options.get(key) is not None:
-                raise ValueError(f"{key} is given twice (as an option and with --set): keep one")
+                raise UserError(f"{key} is given twice (as an option and with --set): keep one")
         options = {k: v for k, v in options.items() if v is not None}
         config = make_config(preset, data_family=ds.family, **{**extra, **options})
         if print_config:
@@ -307,7 +307,7 @@ def evaluate_command(
     tune_glibc_malloc()
     with user_errors(), tempfile.TemporaryDirectory(prefix="podd-evaluate-") as scratch:
         if models is not None and models < 1:
-            raise ValueError(f"--models must be at least 1, got {models}")
+            raise UserError(f"--models must be at least 1, got {models}")
         folder = Path(artifact)
         if not folder.exists() and re.fullmatch(r"[0-9a-f]{32}", artifact):
             folder = _run_artifact(artifact, tracking_uri, Path(scratch))
@@ -340,10 +340,10 @@ def _run_artifact(run_id: str, tracking_uri: str | None, into: Path) -> Path:
         try:
             client.get_run(run_id)
         except MlflowException:
-            raise ValueError(f"no run {run_id} in {uri}: give a trial's run id (podd-sweep "
+            raise UserError(f"no run {run_id} in {uri}: give a trial's run id (podd-sweep "
                              f"status lists them) or --tracking-uri of its store") from None
         listed = [a.path for a in client.list_artifacts(run_id)]
         if "poster_artifact" not in listed:
-            raise ValueError(f"run {run_id} has no poster_artifact (it did not finish, or it "
+            raise UserError(f"run {run_id} has no poster_artifact (it did not finish, or it "
                              f"is a sweep's parent run): choose a finished trial's run")
         return Path(client.download_artifacts(run_id, "poster_artifact", str(into)))

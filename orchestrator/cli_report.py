@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from orchestrator.cli_app import TrackingUriOption, app, console, err_console, user_errors
+from podd_engine.errors import UserError
 
 
 @app.command("report",
@@ -51,24 +52,24 @@ def report_command(
 
     with user_errors():
         if output_format not in ("table", "json", "csv", "parquet"):
-            raise ValueError(f"--format must be table, json, csv or parquet, got {output_format!r}")
+            raise UserError(f"--format must be table, json, csv or parquet, got {output_format!r}")
         if output_format in ("csv", "parquet") and output is None:
-            raise ValueError(f"--format {output_format} writes a file: add --output FILE")
+            raise UserError(f"--format {output_format} writes a file: add --output FILE")
         if output is not None and output_format == "table":
-            raise ValueError("--output is for --format json, csv or parquet: the table goes to "
+            raise UserError("--output is for --format json, csv or parquet: the table goes to "
                              "the terminal")
         if output is not None and output.is_dir():
-            raise ValueError(f"--output {output} is a folder: give a file name")
+            raise UserError(f"--output {output} is a folder: give a file name")
         if plot is not None and plot.is_dir():
-            raise ValueError(f"--plot {plot} is a folder: give a file name such as "
+            raise UserError(f"--plot {plot} is a folder: give a file name such as "
                              f"{plot / 'accuracy.png'}")
         conditions = parse_where(where)
         rp.parse_baseline(baseline)
         if criterion not in rp.CRITERIA:
-            raise ValueError(f"--criterion must be one of {', '.join(rp.CRITERIA)}, got "
+            raise UserError(f"--criterion must be one of {', '.join(rp.CRITERIA)}, got "
                              f"{criterion!r}")
         if budget not in rp.BUDGETS:
-            raise ValueError(f"--budget must be one of {', '.join(rp.BUDGETS)}, got {budget!r}")
+            raise UserError(f"--budget must be one of {', '.join(rp.BUDGETS)}, got {budget!r}")
         gathered = gather_runs(tracking_uri, experiment, sweep)
         names = dataset or rp.datasets_in(gathered.runs)
         if not names:

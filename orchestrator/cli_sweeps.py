@@ -10,7 +10,7 @@ from rich.table import Table
 
 from orchestrator.cli_app import (TrackingUriOption, app, console, err_console, progress_bar,
                               user_errors)
-from podd_engine.errors import first_line
+from podd_engine.errors import UserError, first_line
 from podd_engine.methods import get_method
 
 
@@ -274,16 +274,16 @@ def stop_command(
             name, folder = sweep, Path(storage or DEFAULT_STORAGE).expanduser().resolve()
         holder = running_driver(folder, name)
         if holder is None:
-            raise ValueError(f"sweep {name} is not running: no live driver holds "
+            raise UserError(f"sweep {name} is not running: no live driver holds "
                              f"{folder / f'.{name}.launch.lock'} (give the spec file, or "
                              f"--storage with the sweep's storage folder)")
         if holder.get("host") != socket.gethostname():
-            raise ValueError(f"sweep {name} runs on {holder.get('host')} (process "
+            raise UserError(f"sweep {name} runs on {holder.get('host')} (process "
                              f"{holder.get('pid')}): run `podd-sweep stop` there")
         try:
             os.kill(int(holder["pid"]), signal.SIGINT)  # the driver's graceful stop
         except ProcessLookupError:
-            raise ValueError(f"sweep {name}: its driver (process {holder['pid']}) has just "
+            raise UserError(f"sweep {name}: its driver (process {holder['pid']}) has just "
                              f"ended") from None
     console.print(f"asked sweep {name} (process {holder['pid']}) to stop: its trials save a "
                   f"checkpoint, then its launch exits 130; launch it again to resume",
@@ -359,10 +359,10 @@ def ui_command(
     uri = resolve_tracking_uri(tracking_uri)
     with user_errors():
         if importlib.util.find_spec("mlflow") is None:
-            raise ValueError("mlflow is not installed in this environment: pip install -e . "
+            raise UserError("mlflow is not installed in this environment: pip install -e . "
                              "installs it")
         if uri.startswith(("http://", "https://")):
-            raise ValueError(f"--tracking-uri {uri} is a tracking server: open it in a browser "
+            raise UserError(f"--tracking-uri {uri} is a tracking server: open it in a browser "
                              f"directly, it already serves the UI")
         check_local_store(uri)  # says where the store was expected, and --tracking-uri
     err_console.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")

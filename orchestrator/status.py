@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.store import (ERROR_TAG, KEY_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
                                 run_records)
+from podd_engine.errors import UserError
 
 # a trial's progress: the furthest step logged, and its best test accuracy so far
 PROGRESS_METRICS = ("loss", "test_accuracy")
@@ -71,7 +72,7 @@ def sweep_status(tracking_uri: str | None, experiment: str,
         chosen = [p for p in parents if p.tags.get(SWEEP_TAG) == sweep]
         if not chosen:
             known = sorted(p.tags.get(SWEEP_TAG, "?") for p in parents)
-            raise ValueError(f"no sweep {sweep!r} in experiment {experiment!r}: known sweeps are "
+            raise UserError(f"no sweep {sweep!r} in experiment {experiment!r}: known sweeps are "
                              f"{', '.join(known) or '(none)'}")
         parents = chosen
     out = []

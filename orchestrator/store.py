@@ -68,7 +68,7 @@ def open_store(tracking_uri: str | None, experiment: str):
         found = client.get_experiment_by_name(experiment)
         if found is None:
             names = [e.name for e in client.search_experiments()]
-            raise ValueError(f"no experiment {experiment!r} in {uri}: use --experiment with one "
+            raise UserError(f"no experiment {experiment!r} in {uri}: use --experiment with one "
                              f"of {', '.join(names) or '(none: the store is empty)'}")
     return client, found.experiment_id
 
@@ -100,19 +100,19 @@ def _check_sqlite_store(path: Path) -> None:
     if not path.exists():
         raise _no_store(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an MLflow sqlite store: pass "
+        raise UserError(f"{path} is a folder, not an MLflow sqlite store: pass "
                          f"--tracking-uri file:{path} for a folder store")
     try:
         with _reading(path) as db:
             tables = _tables(db)
     except sqlite3.DatabaseError:  # "file is not a database"
-        raise ValueError(f"{path} is not an MLflow store (not a sqlite database)") from None
+        raise UserError(f"{path} is not an MLflow store (not a sqlite database)") from None
     if not tables:
-        raise ValueError(f"{path} is not an MLflow store (an empty sqlite file): run "
+        raise UserError(f"{path} is not an MLflow store (an empty sqlite file): run "
                          f"`podd-sweep launch SPEC` to fill it, or pass --tracking-uri")
     missing = MLFLOW_SQLITE_TABLES - tables
     if missing:
-        raise ValueError(f"{path} is a sqlite database but not an MLflow store (no "
+        raise UserError(f"{path} is a sqlite database but not an MLflow store (no "
                          f"{', '.join(sorted(missing))} table)")
 
 
@@ -145,7 +145,7 @@ def _check_file_store(root: Path) -> None:
         raise _no_store(root)
     # MLflow's file store keeps a .trash folder and one folder with a meta.yaml per experiment
     if not root.is_dir() or not ((root / ".trash").is_dir() or any(root.glob("*/meta.yaml"))):
-        raise ValueError(f"{root} is not an MLflow file store (no .trash folder or experiment "
+        raise UserError(f"{root} is not an MLflow file store (no .trash folder or experiment "
                          f"meta.yaml in it)")
 
 
@@ -336,7 +336,7 @@ def _sqlite_run_records(path: Path, experiment: str, role: str, sweep: str | Non
         if found is None:
             names = [row[0] for row in db.execute(
                 "SELECT name FROM experiments WHERE lifecycle_stage = 'active'")]
-            raise ValueError(f"no experiment {experiment!r} in sqlite:///{path}: use "
+            raise UserError(f"no experiment {experiment!r} in sqlite:///{path}: use "
                              f"--experiment with one of "
                              f"{', '.join(names) or '(none: the store is empty)'}")
         chosen = ("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from podd_engine.config import NORMS
+from podd_engine.errors import SettingError
 
 
 
@@ -56,8 +57,8 @@ class ConvNet(nn.Module):
         depth = depth or default_depth(image_size)
         h, w = image_size
         if h >> depth < 1 or w >> depth < 1:
-            raise ValueError(f"depth {depth} pools a {h}x{w} image below 1 pixel: use depth "
-                             f"<= {min(h, w).bit_length() - 1}")
+            raise SettingError(f"depth {depth} pools a {h}x{w} image below 1 pixel: use depth "
+                               f"<= {min(h, w).bit_length() - 1}", "depth")
         layers: list[nn.Module] = []
         in_channels = channels
         for _ in range(depth):

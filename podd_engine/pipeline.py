@@ -288,8 +288,9 @@ def evaluate_artifact(artifact: PosterArtifact, *, models: int | None = None,
                              cache_dir=config.cache_dir)
     recorded = artifact.metadata["preprocessing"]["training_set_key"]
     if preprocessing_key(dataset, config.preprocessing, config.zca_regularization) != recorded:
-        raise ValueError(f"data set {config.dataset!r} is not the one this poster was distilled "
-                         f"on (its training set differs): point --data-root at the original data")
+        raise SettingError(f"data set {config.dataset!r} is not the one this poster was distilled "
+                           f"on (its training set differs): point --data-root at the original "
+                           f"data", "dataset")
     preprocessing = fit_preprocessing(dataset, config.preprocessing,
                                       regularization=config.zca_regularization,
                                       cache_dir=config.cache_dir)
