@@ -247,6 +247,8 @@ def distill_command(
                 f"{config.embedder}); --preset cpu-small for a CPU-sized run, --print-config "
                 f"shows every setting", highlight=False, soft_wrap=True)
         out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
+        if out.exists() and not out.is_dir():  # found now, not after the distillation
+            raise UserError(f"--out {out} is a file: give a folder for the poster artifact")
         total = get_method(config.method).final_step(config.steps)
         record = None
         if record_to is not None:  # opened before the work: a bad store is one line first
@@ -328,10 +330,10 @@ def evaluate_command(
 
 def _run_artifact(run_id: str, tracking_uri: str | None, into: Path) -> Path:
     """A trial run's poster artifact, downloaded from its MLflow store (never creating one)."""
-    from orchestrator.store import check_local_store, mlflow_errors, resolve_tracking_uri
+    from orchestrator.store import check_store, mlflow_errors, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    check_local_store(uri)
+    check_store(uri)  # a server that does not answer: one line in seconds
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

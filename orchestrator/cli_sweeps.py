@@ -42,13 +42,29 @@ def _load_checked_sweep(spec: Path, overrides: list[str] | None = None, *,
                 datasets = parsed.dataset if isinstance(parsed.dataset, list) else [parsed.dataset]
                 where = (f"dataset[{datasets.index(name)}]" if len(datasets) > 1 and
                          name in datasets else "dataset")
-                hint = ("" if download or "no data at" not in str(exc) else
-                        " (a dry run downloads nothing: launch without --dry-run downloads "
-                        "it; a local copy: add the override dataset=parquet:PATH)")
-                raise SpecError(f"{spec}: {where}: {exc}{hint}") from None
+                raise SpecError(f"{spec}: {where}: {_missing_data(exc, name, download)}") from None
         return loaded[name]
 
     return load_sweep(spec, dataset_info=dataset_info, overrides=overrides)
+
+
+def _missing_data(error: Exception, name: str, download: bool) -> str:
+    """The engine's message for data it cannot find, in a sweep's words: the spec's
+    `data_root:` rather than distill's --data-root, and where a relative path was looked for."""
+    text = str(error).replace(
+        "set --data-root to", "set `data_root:` in the spec (or the override data_root=PATH, "
+        "or PODD_DATA_ROOT) to")
+    if "no data at" not in text:
+        return text
+    _, _, path = name.partition(":")
+    if path and not Path(path).is_absolute():
+        return (f"{text} (a relative path is read from the folder launch runs in, {Path.cwd()}: "
+                f"run it from the folder the spec's paths start from (the repository for the "
+                f"shipped sweeps), or give an absolute path with the override dataset=...)")
+    if not download and "download " in text:
+        return (f"{text} (a dry run downloads nothing: launch without --dry-run downloads it; "
+                f"a local copy: add the override dataset=parquet:PATH)")
+    return text
 
 
 def _embedder_problems(sweep) -> list[str]:

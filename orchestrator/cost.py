@@ -13,7 +13,8 @@ a backward pass, an unrolled step with its meta-gradient about three times that,
 a forward pass and a backward pass to the poster.) Seconds = a fixed setup time + k *
 (width / 32) ** a * passes, per CPU core or per GPU. The CPU constants fit 13 fidelity-study
 trials and 3 step timings within 35 %; the GPU ones (an H100) fit two step timings within 5 %
-but miss the one measured evaluation block by 27 %: read them as an order of magnitude.
+but miss the one measured evaluation block by 27 %: with three figures behind them, read
+them as +-50 %.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 MODELS = {
     "cpu": (3.89e-4, 1.34, 40.0, "the dev VM's CPU figures (2-core x86, torch 2.14), "
                                  "per core, +-35 %"),
-    "cuda": (6.66e-6, 0.5, 20.0, "an H100's figures (CUDA graphs on), +-50 %"),
+    "cuda": (6.66e-6, 0.5, 20.0, "three H100 figures (CUDA graphs on), +-50 %"),
 }
 TEST_IMAGES = 10_000  # a test set's size; each evaluation point classifies it once
 

@@ -22,6 +22,29 @@ import yaml
 
 from podd_engine.errors import UserError
 
+class PlainNumbersLoader(yaml.SafeLoader):
+    """YAML as a spec is read: only decimal numbers are numbers. YAML 1.1 reads 0x10 as 16,
+    017 as 15 and 1:20 as 80; in a spec those are a grid (`patch_grid: 0x10`), a typo or a
+    ratio, and read as numbers they would be refused as something the user never wrote."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+PlainNumbersLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+PlainNumbersLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                         list("-+0123456789"))
+PlainNumbersLoader.add_implicit_resolver(  # YAML 1.1's floats but the base-60 ones
+    _FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                        |[-+]?\.(?:inf|Inf|INF)
+                        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=PlainNumbersLoader)
+
+
 _KEY = r"[A-Za-z_][A-Za-z0-9_]*"
 _OVERRIDE = re.compile(rf"^({_KEY}(?:\.{_KEY})*)=(.*)$", re.DOTALL)
 EXAMPLE = "settings.steps=300"
@@ -47,7 +70,7 @@ def parse_override(text: str) -> Override:
         raise UserError(f"override {text!r}: no value after '=': give one (e.g. {key}=...), or "
                         f"{key}=null to use the default", field=key)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as exc:
         raise UserError(f"override {text!r}: {raw!r} is not a YAML value "
                         f"({getattr(exc, 'problem', None) or exc}); quote it in the shell, "

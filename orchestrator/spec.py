@@ -128,6 +128,17 @@ class AxisValues(BaseModel):
             return _grid_text(value)
         return value
 
+    @field_validator("dataset", "method", "ipc", "patch_grid", "class_order", "labels", "seeds")
+    @classmethod
+    def _each_value_once(cls, value):
+        # a value listed twice would run the same trials twice (folded into one, silently)
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if v in value[:i]:
+                    raise ValueError(f"[{i}]: {v!r} is given twice (also at "
+                                     f"[{value.index(v)}]): keep one")
+        return value
+
     def given(self) -> dict[str, list]:
         return {name: _listify(getattr(self, name)) for name in AXES
                 if getattr(self, name) is not None}

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.overrides import Override, apply_overrides
+from orchestrator.overrides import Override, PlainNumbersLoader, apply_overrides
 from podd_engine.errors import UserError
 
 
@@ -17,8 +17,9 @@ class SpecError(UserError):
     """A sweep spec that cannot run; the message starts with the field path."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class _UniqueKeyLoader(PlainNumbersLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently), and
+    reads only decimal numbers as numbers."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}

@@ -62,7 +62,7 @@ def open_store(tracking_uri: str | None, experiment: str):
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    check_local_store(uri)
+    check_store(uri)
     with mlflow_errors(uri):
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
@@ -81,6 +81,14 @@ MLFLOW_SQLITE_TABLES = frozenset({"experiments", "runs", "tags", "params", "late
 def _no_store(path: Path) -> ValueError:
     return ValueError(f"no MLflow store at {path}: run `podd-sweep launch SPEC` here first, or "
                       f"pass --tracking-uri")
+
+
+def check_store(uri: str) -> None:
+    """Before reading a store: a local one must exist and be MLflow's (`check_local_store`), a
+    tracking server must answer within seconds (`check_tracking_server`; MLflow's client would
+    retry for minutes)."""
+    check_local_store(uri)
+    check_tracking_server(uri)
 
 
 def check_local_store(uri: str) -> None:
@@ -305,14 +313,14 @@ def run_records(tracking_uri: str | None, experiment: str, *, role: str = "trial
     store whose columns are not the ones this reader knows, goes through MLflow's client. A
     local store that does not exist or is not MLflow's is a ValueError, never created."""
     uri = resolve_tracking_uri(tracking_uri)
-    check_local_store(uri)
     if uri.startswith("sqlite:///"):
+        check_local_store(uri)
         try:
             return _sqlite_run_records(Path(uri.removeprefix("sqlite:///")), experiment, role,
                                        sweep, peaks)
         except sqlite3.DatabaseError:
             pass  # MLflow's tables, but columns this reader does not know: the client reads it
-    client, experiment_id = open_store(tracking_uri, experiment)
+    client, experiment_id = open_store(tracking_uri, experiment)  # checks the store
     query = runs_filter(role, sweep)
     records = []
     with mlflow_errors(uri):

@@ -180,6 +180,9 @@ class TrialConfig:
         if self.order == "given" and self.order_grid is None:
             raise SettingError("order 'given' needs order_grid: rows of class indices",
                                "order_grid")
+        parse_grid(self.patch_grid, "patch_grid")  # the form; the sizes need the data set
+        if self.class_grid is not None:
+            parse_grid(self.class_grid, "class_grid")
         if self.family is not None and self.family not in BENCHMARKS:
             raise SettingError(f"family must be one of the paper's benchmarks "
                                f"({', '.join(BENCHMARKS)}), got {self.family!r}: leave it unset "

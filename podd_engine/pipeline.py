@@ -284,6 +284,7 @@ def evaluate_artifact(artifact: PosterArtifact, *, models: int | None = None,
     if models is not None:
         changes["eval_models"] = models
     config = artifact.config.replace(**changes)
+    device_ = resolve_device(config.device)  # a device that is not there: before any work
     dataset = create_dataset(config.dataset, data_root=config.data_root,
                              cache_dir=config.cache_dir)
     recorded = artifact.metadata["preprocessing"]["training_set_key"]
@@ -294,7 +295,6 @@ def evaluate_artifact(artifact: PosterArtifact, *, models: int | None = None,
     preprocessing = fit_preprocessing(dataset, config.preprocessing,
                                       regularization=config.zca_regularization,
                                       cache_dir=config.cache_dir)
-    device_ = resolve_device(config.device)
     trial = Trial(config, dataset, preprocessing, artifact.geometry,
                   ClassOrdering(artifact.class_order, "saved", artifact.metadata.get("embedder"),
                                 None),

@@ -128,6 +128,15 @@ def test_distill_bad_input_exit_code_2(tmp_path, args, message):
     assert not (tmp_path / "p").exists()  # nothing half-written
 
 
+def test_distill_into_a_file_is_refused_before_any_work(tmp_path):
+    taken = tmp_path / "poster"
+    taken.write_text("not a folder")
+    line = one_error_line(run("distill", "--dataset", "digits", "--ipc", "1", "--order",
+                              "identity", "--out", str(taken), *TINY))
+    assert line == f"error: --out {taken} is a file: give a folder for the poster artifact"
+    assert taken.read_text() == "not a folder"
+
+
 def test_evaluate_a_folder_that_is_not_an_artifact(tmp_path):
     line = one_error_line(run("evaluate", str(tmp_path)))
     assert "not a poster artifact" in line
@@ -195,6 +204,24 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path):
     assert one_error_line(result).startswith(
         f"error: the MLflow tracking server http://127.0.0.1:{port} does not answer")
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["report"],
+                                     ["evaluate", "0123456789abcdef0123456789abcdef"]])
+def test_reading_an_unreachable_tracking_server_is_one_line_within_seconds(command):
+    """status, report and evaluate RUN_ID ask the server first (MLflow's client retried for
+    minutes: evaluate took 4 minutes and then blamed the run id)."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = run(*command, "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 30
+    assert one_error_line(result).startswith(
+        f"error: the MLflow tracking server http://127.0.0.1:{port} does not answer")
 
 
 

@@ -64,4 +64,4 @@ def test_dry_run_shows_each_trials_cost_and_the_bill(tmp_path):
     assert "the dev VM's CPU figures" in text
     gpu = CliRunner().invoke(app, ["launch", str(spec), "resources.gpu=1", "--dry-run"],
                              env={"COLUMNS": "250"})
-    assert "an H100's figures" in " ".join(gpu.output.split()), gpu.output
+    assert "three H100 figures" in " ".join(gpu.output.split()), gpu.output

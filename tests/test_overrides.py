@@ -130,3 +130,29 @@ def test_a_launch_with_overrides_records_them_and_the_spec_that_ran(tmp_path):
                                               str(tmp_path / "p"))).read_text()
     assert recorded == sweep.resolved_text()
     assert yaml.safe_load(recorded)["settings"]["steps"] == 2
+
+
+@pytest.mark.parametrize("text, value", [("0x10", "0x10"), ("017", "017"), ("1:20", "1:20"),
+                                         ("16", 16), ("-3", -3), ("1_000", 1000),
+                                         ("0.5", 0.5), (".inf", float("inf")),
+                                         ("[0, 1]", [0, 1]), ("16x6", "16x6")])
+def test_only_decimal_numbers_are_numbers(text, value):
+    """YAML 1.1 reads 0x10 as 16 (hex), 017 as 15 (octal), 1:20 as 80 (base 60): a grid typed
+    as 0x10 was refused as "grid '16' is not COLSxROWS", a grid the user never wrote."""
+    from orchestrator.overrides import load_yaml
+    from orchestrator.spec_file import read_spec_mapping
+
+    assert load_yaml(text) == value
+    assert read_spec_mapping(f"x: {text}\n")["x"] == value
+
+
+def test_a_zero_grid_is_refused_as_written(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndataset: digits\nipc: 1\n")
+    result = runner.invoke(app, ["launch", str(spec), "patch_grid=0x10", "--print-spec"])
+    assert result.exit_code == 2
+    assert "patch_grid: grid 0x10 needs at least one column and one row" in result.stderr
+    result = runner.invoke(app, ["distill", "--dataset", "digits", "--ipc", "1",
+                                 "--print-config", "--set", "patch_grid=0x5"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: patch_grid 0x5 needs at least one column and one row"

@@ -42,6 +42,12 @@ def digits_info(name):
      "method[1]: Input should be 'podd', 'rat-bptt' or 'random-real' (got 'mtt')"),
     ("name: t\ndataset: digits\nipc: 1\npatch_grid: 16by6\n", "patch_grid: grid '16by6' is not"),
     ("name: t\ndataset: digits\nipc: 1\nseeds: []\n", "seeds: List should have at least 1 item"),
+    ("name: t\ndataset: digits\nipc: 1\nseeds: [0, 1, 0]\n",
+     "seeds[2]: 0 is given twice (also at [0]): keep one"),
+    ("name: t\ndataset: digits\nipc: [0.5, 1, 1.0]\n",
+     "ipc[2]: 1.0 is given twice (also at [1]): keep one"),
+    ("name: t\ndataset: digits\nipc: 1\npatch_grid: [16x6, [16, 6]]\n",
+     "patch_grid[1]: '16x6' is given twice (also at [0]): keep one"),
     # found by the property test: a null data set was a KeyError when the trials were made
     ("name: t\ndataset: null\nipc: 1\n", "dataset: Input should be a valid string (got None)"),
     ("name: t\ndataset: digits\nipc: null\n", "ipc: Input should be a valid number (got None)"),
@@ -235,6 +241,25 @@ def test_launch_bad_spec_one_line_exit_2(text, message, tmp_path, monkeypatch):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("dataset, says", [
+    ("parquet:../nowhere/cifar", "a relative path is read from the folder launch runs in"),
+    ("cifar10", "set `data_root:` in the spec (or the override data_root=PATH, or "
+                "PODD_DATA_ROOT) to the folder that holds cifar-10-batches-py (a dry run "
+                "downloads nothing"),
+])
+def test_missing_data_is_explained_in_a_sweeps_words(dataset, says, tmp_path, monkeypatch):
+    """launch has no --data-root (distill has): the advice names the spec's field, and a
+    relative path says which folder it was read from."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(f"name: t\ndataset: {dataset}\nipc: 1\n")
+    result = runner.invoke(app, ["launch", "s.yaml", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.stderr.split())
+    assert says in line and "--data-root" not in line, line
+    if dataset.startswith("parquet:"):
+        assert str(tmp_path) in line
 
 
 def test_launch_missing_spec_file(tmp_path):
