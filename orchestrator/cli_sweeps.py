@@ -129,17 +129,22 @@ def _search_bill(sweep, costs) -> str:
     """What a search is expected to run of the grid above, and at most."""
     from orchestrator.search import search_cost
 
-    hours = {t.key: c.seconds / 3600 for t, c in zip(sweep.trials, costs.trials)}
+    from orchestrator.cost import duration
+
+    seconds = {t.key: c.seconds for t, c in zip(sweep.trials, costs.trials)}
     lines = [f"search: lowest-passing ({sweep.spec.criterion}); the grid above is what it may "
              f"run; it runs the baseline, then bisects over IPC:"]
     for problem in sweep.search_problems():
         cost = search_cost(problem, sweep.spec.criterion, sweep.spec.parallel_probes)
-        per_trial = sum(hours[k] for k in problem.keys) / len(problem.keys)
+        per_trial = sum(seconds[k] for k in problem.keys) / len(problem.keys)
+        longest = max(seconds[k] for k in problem.keys)
         lines.append(f"  {problem.label}: expected {cost.expected:.1f} of {cost.grid} trials "
-                     f"(about {cost.expected * per_trial:.1f} trial-hours) when the first two "
-                     f"seeds settle each probe; at most {cost.worst_monotone} when every probe "
-                     f"needs every seed, if accuracy rises with IPC; all {cost.grid} if it "
-                     f"does not")
+                     f"(about {duration(cost.expected * per_trial)} of trial time, in about "
+                     f"{cost.rounds:.1f} rounds one after another: each round's trials run "
+                     f"together, so at least {duration(cost.rounds * longest)} wall) when the "
+                     f"first two seeds settle each probe; at most {cost.worst_monotone} trials "
+                     f"when every probe needs every seed, if accuracy rises with IPC; all "
+                     f"{cost.grid} if it does not")
     return "\n".join(lines)
 
 

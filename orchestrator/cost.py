@@ -11,7 +11,8 @@ each figure's error). Work is counted in image passes through the ConvNet:
 (b: the inner batch, min(distill_batch, the poster's patches); an inner step is a forward and
 a backward pass, an unrolled step with its meta-gradient about three times that, a real image
 a forward pass and a backward pass to the poster.) Seconds = a fixed setup time + k *
-(width / 32) ** a * passes, per CPU core or per GPU. The CPU constants fit 13 fidelity-study
+(width / 32) ** a * (image pixels / 32 x 32) * passes, per CPU core or per GPU (the pixel
+factor is an assumption: every fitted figure is of 32 x 32 images). The CPU constants fit 13 fidelity-study
 trials and 3 step timings within 35 %; the GPU ones (an H100) fit two step timings within 5 %
 but miss the one measured evaluation block by 27 %: with three figures behind them, read
 them as +-50 %.
@@ -61,7 +62,9 @@ def trial_cost(trial, *, gpus: float, cpus: float) -> TrialCost:
     # the trial's share of the device: a fraction of a GPU, or its cores (perfect scaling
     # assumed; the figures are per core and per whole GPU)
     share = max(gpus if device == "cuda" else cpus, 1e-6)
-    seconds = setup + k * (c.width / 32) ** exponent * passes / share
+    # the constants were fitted on 32 x 32 images; a pass costs about its pixels
+    pixels = (trial.image_pixels or 32 * 32) / (32 * 32)
+    seconds = setup + k * (c.width / 32) ** exponent * passes * pixels / share
     return TrialCost(c.steps, f"{c.window}/{c.total_inner_steps}",
                      f"{c.eval_models} x {last}", passes, seconds, device)
 

@@ -365,6 +365,7 @@ class SearchCost:
     grid: int  # trials of the full grid
     expected: float  # with every decision made by the first seeds, the crossing anywhere
     worst_monotone: int  # every probe needing every seed, accuracy rising with IPC
+    rounds: float = 0.0  # expected rounds: trials of a round run together, rounds one by one
 
 
 def search_cost(problem: SearchProblem, criterion: str = "beats", parallel_probes: int = 1
@@ -373,26 +374,28 @@ def search_cost(problem: SearchProblem, criterion: str = "beats", parallel_probe
     can be (below the lowest IPC, between two, above the highest), clear decisions (expected:
     the first seeds settle each probe) or coin-flip ones (worst: every seed at every probe)."""
     ipcs = problem.ipcs
-    counts, worst = [], 0
+    counts, rounds, worst = [], [], 0
     for crossing in range(len(ipcs) + 1):
-        clear = _simulate(problem, crossing, criterion, parallel_probes, spread=0.001)
-        unclear = _simulate(problem, crossing, criterion, parallel_probes, spread=None)
+        clear, steps = _simulate(problem, crossing, criterion, parallel_probes, spread=0.001)
+        unclear, _ = _simulate(problem, crossing, criterion, parallel_probes, spread=None)
         counts.append(clear)
+        rounds.append(steps)
         worst = max(worst, unclear)
-    return SearchCost(len(problem.keys), statistics.fmean(counts), worst)
+    return SearchCost(len(problem.keys), statistics.fmean(counts), worst,
+                      statistics.fmean(rounds))
 
 
 def _simulate(problem: SearchProblem, crossing: int, criterion: str, parallel_probes: int,
-              spread: float | None) -> int:
-    """Trials run to the answer when IPCs at index >= crossing pass. spread: the seeds'
+              spread: float | None) -> tuple[int, int]:
+    """(trials, rounds) to the answer when IPCs at index >= crossing pass. spread: the seeds'
     spread around a clear margin of 10 points; None: results straddle the baseline until the
     last seed (so every seed runs)."""
     ipcs = problem.ipcs
     outcomes: dict[str, Outcome] = {}
-    for _ in range(10 * (len(problem.keys) + 1)):
+    for rounds in range(10 * (len(problem.keys) + 1)):
         plan = make_plan(problem, outcomes, (), criterion, parallel_probes)
         if not plan.to_run:
-            return len(outcomes)
+            return len(outcomes), rounds
         for key in plan.to_run:
             outcomes[key] = _made_up(problem, key, ipcs, crossing, spread, outcomes)
     raise RuntimeError("the search planner did not converge")  # a bug, not an input

@@ -43,6 +43,7 @@ class PlannedTrial:
     achieved_ipc: float = 0.0
     poster_size: tuple[int, int] = (0, 0)
     images: int = 0  # training images (patches) the poster yields; 0: not checked on data
+    image_pixels: int = 0  # height x width of one image; 0: not checked on data
 
     @property
     def key(self) -> str:
@@ -183,7 +184,8 @@ def expand(spec: SweepSpec, *, source: str = "<spec>",
         trial = PlannedTrial(config, origin,
                              round(geometry.achieved_ipc, 4) if geometry else 0.0,
                              tuple(geometry.poster_size) if geometry else (0, 0),
-                             geometry.patch_grid[0] * geometry.patch_grid[1] if geometry else 0)
+                             geometry.patch_grid[0] * geometry.patch_grid[1] if geometry else 0,
+                             geometry.image_size[0] * geometry.image_size[1] if geometry else 0)
         trials.setdefault(trial.key, trial)
     return list(trials.values())
 

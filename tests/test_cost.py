@@ -32,6 +32,11 @@ def test_the_work_follows_the_schedule_the_batch_and_the_share():
     assert trial_cost(planned(width=64), gpus=0, cpus=1).seconds > 2 * base.seconds
     eval_every = trial_cost(planned(eval_every=100), gpus=0, cpus=1)
     assert eval_every.passes == pytest.approx(base.passes + 3 * evaluation)
+    # a pass costs about its pixels: 8 x 8 digits, 16 times fewer than 32 x 32 (setup aside)
+    small = trial_cost(PlannedTrial(planned().config, {}, images=96, image_pixels=64), gpus=0,
+                       cpus=1)
+    assert small.passes == base.passes
+    assert small.seconds - 40 == pytest.approx((base.seconds - 40) / 16)
 
 
 def test_the_estimate_is_within_35_percent_of_the_measured_cpu_trials():

@@ -182,4 +182,5 @@ def test_dry_run_shows_the_expected_and_worst_trial_counts(tmp_path):
     text = " ".join(result.stdout.split())
     assert "search: lowest-passing (beats)" in text
     assert "digits, podd: expected" in text and "of 18 trials" in text
-    assert "at most 12 when every probe needs every seed" in text
+    assert "at most 12 trials when every probe needs every seed" in text
+    assert "rounds one after another" in text
