@@ -53,3 +53,31 @@ def welch_interval(mean_a: float, std_a: float | None, n_a: int, mean_b: float,
     half = t_quantile(0.5 + level / 2, df) * math.sqrt(var_a + var_b)
     difference = mean_a - mean_b
     return Interval(difference, difference - half, difference + half, df)
+
+
+@dataclass(frozen=True)
+class Correlation:
+    r: float  # Pearson's
+    low: float | None  # its `level` interval (Fisher's z); None with fewer than 4 points
+    high: float | None
+    n: int
+
+
+def pearson_interval(x: list[float], y: list[float], level: float = LEVEL) -> Correlation:
+    """Pearson's correlation of x and y with its interval from Fisher's z transform (the
+    normal approximation: with a handful of points the interval is wide, and said so)."""
+    n = len(x)
+    if n != len(y) or n < 3:
+        raise ValueError(f"a correlation needs at least 3 pairs, got {n}")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        raise ValueError("a correlation needs values that vary")
+    r = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+    if n < 4 or abs(r) == 1.0:
+        return Correlation(r, None, None, n)
+    from scipy.special import ndtri
+
+    z, half = math.atanh(r), float(ndtri(0.5 + level / 2)) / math.sqrt(n - 3)
+    return Correlation(r, math.tanh(z - half), math.tanh(z + half), n)

@@ -136,6 +136,77 @@ def plot_c1(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def c2_rows(tracking_uri: str, sweep: str = "fidelity-c2-ipc") -> list[dict]:
+    """C2: PoDD below 1 IPC against the 1-IPC baseline of the same schedule, per IPC (the
+    report's verdict over the sweep's runs and the C1 sweeps' baseline at that schedule)."""
+    from orchestrator.report import build_report
+    from orchestrator.runs import gather_runs
+
+    gathered = gather_runs(tracking_uri, "podd-sweep")
+    sweeps = set(gathered.runs.column("sweep").to_pylist())
+    if sweep not in sweeps:
+        return []
+    rows = []
+    for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
+        for schedule in build_report(gathered, family).schedules:
+            b = schedule.baseline
+            mine = [r for r in schedule.verdict.per_ipc if r.ipc < 1.0]
+            if b is None or not mine:
+                continue
+            for r in mine:
+                rows.append({"schedule": schedule.label, "ipc": r.ipc, "podd": r.accuracy,
+                             "podd_std": r.accuracy_std, "runs": r.runs,
+                             "baseline": b.accuracy, "baseline_runs": b.runs,
+                             "gap": r.difference, "gap_low": r.difference_low,
+                             "gap_high": r.difference_high, "run_ids": r.run_ids,
+                             "baseline_run_ids": b.run_ids})
+    return rows
+
+
+def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
+    """C3: each run's class order score (the inverse of its summed neighbour distance, as the
+    paper) against its test accuracy, and their correlation with a 95 % interval."""
+    from orchestrator.stats import pearson_interval
+    from orchestrator.store import run_records
+
+    runs = [r for r in run_records(tracking_uri, "podd-sweep", sweep=sweep)
+            if r.status == "FINISHED" and "order_score" in r.params]
+    points = [{"run_id": r.run_id, "order": r.params.get("order"),
+               "seed": int(r.params.get("seed", 0)),
+               "order_score": 1.0 / float(r.params["order_score"]),
+               "summed_distance": float(r.params["order_score"]),
+               "accuracy": r.metrics["test_accuracy"]} for r in runs]
+    result: dict = {"points": sorted(points, key=lambda p: (p["order"], p["seed"]))}
+    if len(points) >= 3:
+        c = pearson_interval([p["order_score"] for p in points],
+                             [p["accuracy"] for p in points])
+        result["correlation"] = {"r": c.r, "low": c.low, "high": c.high, "n": c.n}
+    return result
+
+
+def print_c2(rows: list[dict]) -> None:
+    print("| IPC | PoDD % (runs) | RaT-BPTT 1 IPC % (runs) | gap (points) | 95 % interval |")
+    print("|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r["ipc"]):
+        interval = ("unknown" if r["gap_low"] is None else
+                    f"[{100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f}]")
+        print(f"| {r['ipc']:g} | {pct(r['podd'])} ({r['runs']}) | {pct(r['baseline'])} "
+              f"({r['baseline_runs']}) | {100 * r['gap']:+.2f} | {interval} |")
+
+
+def print_c3(result: dict) -> None:
+    print("| order | seed | summed neighbour distance | score (its inverse) | accuracy % |")
+    print("|---|---|---|---|---|")
+    for p in result["points"]:
+        print(f"| {p['order']} | {p['seed']} | {p['summed_distance']:.4f} | "
+              f"{p['order_score']:.4f} | {pct(p['accuracy'])} |")
+    c = result.get("correlation")
+    if c:
+        interval = "unknown" if c["low"] is None else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
+        print(f"correlation of score with accuracy: r = {c['r']:+.2f}, 95 % interval "
+              f"{interval} over {c['n']} runs (the paper: 0.76)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,14 +219,41 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "launch":
         return launch(args.claim)
-    rows = c1_rows(args.tracking_uri)
+    rows = merged(c1_rows(args.tracking_uri), args.json)
     print_c1(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"claim": "c1", "rows": rows}, indent=1) + "\n")
     if rows:
         plot_c1(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    c2 = c2_rows(args.tracking_uri)
+    if c2:
+        print_c2(c2)
+        write(args.json.with_name("c2.json"), {"claim": "c2", "rows": c2})
+    c3 = c3_rows(args.tracking_uri)
+    if c3["points"]:
+        print_c3(c3)
+        write(args.json.with_name("c3.json"), {"claim": "c3", **c3})
     return 0
+
+
+def merged(rows: list[dict], previous: Path) -> list[dict]:
+    """This store's C1 rows, and the rows of an earlier summary for schedules this store does
+    not hold (a store is not committed: a new checkout starts with an empty one). Each row
+    keeps its run ids, so an old row says which store it came from."""
+    if not previous.exists():
+        return rows
+    def schedule(r):
+        return (r["family"], r["total_inner_steps"], r["window"], r["width"], r["steps"])
+    mine = {schedule(r) for r in rows}
+    kept = [{**r, "from_earlier_summary": True} for r in json.loads(previous.read_text())["rows"]
+            if schedule(r) not in mine]
+    return rows + kept
+
+
+def write(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
