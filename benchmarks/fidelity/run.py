@@ -170,7 +170,7 @@ def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
     from orchestrator.store import run_records
 
     runs = [r for r in run_records(tracking_uri, "podd-sweep", sweep=sweep)
-            if r.status == "FINISHED" and "order_score" in r.params]
+            if r.status == "FINISHED" and r.params.get("order_score") not in (None, "null")]
     points = [{"run_id": r.run_id, "order": r.params.get("order"),
                "seed": int(r.params.get("seed", 0)),
                "order_score": 1.0 / float(r.params["order_score"]),
@@ -226,6 +226,7 @@ def main() -> int:
     if rows:
         plot_c1(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    export_runs(args.tracking_uri, args.json.with_name("runs.jsonl"))
     c2 = c2_rows(args.tracking_uri)
     if c2:
         print_c2(c2)
@@ -235,6 +236,32 @@ def main() -> int:
         print_c3(c3)
         write(args.json.with_name("c3.json"), {"claim": "c3", **c3})
     return 0
+
+
+KEPT_PARAMS = ("method", "ipc", "patch_grid", "order", "labels", "seed", "steps",
+               "total_inner_steps", "window", "width", "real_batch", "eval_models", "curriculum",
+               "embedder_used", "order_score", "achieved_ipc", "trial_key")
+
+
+def export_runs(tracking_uri: str, path: Path) -> None:
+    """Every finished run of the study's store, one JSON line each (its settings and test
+    accuracies), merged into the file by run id: the record that outlives the store, which is
+    not committed."""
+    from orchestrator.store import run_records
+
+    known = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            known[json.loads(line)["run_id"]] = line
+    for r in run_records(tracking_uri, "podd-sweep"):
+        if r.status != "FINISHED":
+            continue
+        known[r.run_id] = json.dumps({
+            "run_id": r.run_id, "sweep": r.tags.get("podd.sweep"),
+            **{k: r.params[k] for k in KEPT_PARAMS if k in r.params},
+            **{k: v for k, v in sorted(r.metrics.items()) if k.startswith("test_accuracy")}})
+    path.write_text("".join(line + "\n" for line in known.values()))
+    print(f"wrote {path} ({len(known)} runs)", file=sys.stderr)
 
 
 def merged(rows: list[dict], previous: Path) -> list[dict]:
