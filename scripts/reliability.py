@@ -130,7 +130,10 @@ def common_end_checks(checks: Checks, uri: str, sweep: str, expected_trials: int
     checks.check("one MLflow run per trial", len(runs) == expected_trials == len(set(keys)),
                  f"{len(runs)} runs, {len(set(keys))} keys, {expected_trials} trials")
     statuses = sorted({r.info.status for r in runs})
-    checks.check(f"every run {expect_status}", statuses == [expect_status], f"{statuses}")
+    why = {r.info.run_name: r.data.tags.get("podd.error", "") for r in runs
+           if r.info.status != expect_status}  # a failing check says why
+    checks.check(f"every run {expect_status}", statuses == [expect_status],
+                 f"{statuses}" + (f"; {why}" if why else ""))
     duplicated = [r.info.run_name for r in runs
                   if len(loss_steps(uri, r)) != len(set(loss_steps(uri, r)))]
     checks.check("no metric step recorded twice", not duplicated, f"{duplicated}")

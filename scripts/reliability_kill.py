@@ -102,8 +102,10 @@ def drill_kill_anytime() -> bool:
             hit.append(moment)
             checks.check(f"killed during {moment}", True)
         else:
+            log = spec.with_suffix(".log").read_text(errors="replace")
             checks.check(f"killed during {moment}", process.returncode == 0,
-                         f"the launch ended first (exit {process.returncode}): not killed")
+                         f"the launch ended first (exit {process.returncode}): not killed"
+                         + (f"; its log ends: {log[-1500:]}" if process.returncode else ""))
         keys = [r.data.tags["podd.trial_key"] for r in runs()]
         checks.check(f"after the kill during {moment}: at most one MLflow run per trial",
                      len(keys) == len(set(keys)), f"{len(keys)} runs, {len(set(keys))} trials")
@@ -113,7 +115,9 @@ def drill_kill_anytime() -> bool:
     process = start_launch(spec)
     code = process.wait(timeout=900)
     checks.facts["last_launch_s"] = round(time.time() - started, 1)
-    checks.check("the same command then finishes (exit 0)", code == 0, f"exit code {code}")
+    log = spec.with_suffix(".log").read_text(errors="replace") if code else ""
+    checks.check("the same command then finishes (exit 0)", code == 0,
+                 f"exit code {code}" + (f"; its log ends: {log[-1500:]}" if code else ""))
     checks.check("at least four of the five moments were hit", len(hit) >= 4, f"{hit}")
     found = common_end_checks(checks, uri, name, 4)
     by_id = {r.info.run_id: r for r in found}
