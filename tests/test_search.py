@@ -5,6 +5,8 @@ own calls; the spec's checks. The real sweeps are in tests/test_search_sweep.py.
 import random
 import statistics
 
+import pytest
+
 from orchestrator.search import (ANSWER_NONE, ANSWER_PASS, FAILED, FINISHED, OPEN,
                                  STOPPED_EARLY, Candidate, Outcome, SearchProblem, make_plan,
                                  search_cost)
@@ -163,3 +165,34 @@ def test_search_cost_is_the_planner_run_on_made_up_outcomes():
     assert 3 + 2 * 3 <= cost.expected < 27 / 2  # the baseline and about log2(9) probes
     assert cost.worst_monotone == 3 + 3 * 4  # 4 probes, every seed each
     assert search_cost(problem(), parallel_probes=2).expected > cost.expected
+
+
+def test_the_sweeps_searches_and_the_axes_a_search_holds():
+    """One search per data set, schedule and poster method, each with its schedule's
+    baseline; `search_axes: [ipc]` holds the other poster axes at their first value."""
+    from orchestrator.search_problems import SearchSpecError, search_problems
+    from orchestrator.sweep import PlannedTrial
+    from podd_engine.config import make_config
+
+    def trial(**settings):
+        return PlannedTrial(make_config("cpu-small", dataset="digits", **settings).canonical(),
+                            {})
+
+    trials = [trial(method="rat-bptt", ipc=1.0, seed=s, steps=st) for s in (0, 1)
+              for st in (100, 200)]
+    trials += [trial(ipc=i, patch_grid=g, seed=s, steps=st) for i in (0.5, 1.0)
+               for g in ("16x6", "8x3") for s in (0, 1) for st in (100, 200)]
+    problems = search_problems(trials, [0, 1])
+    assert sorted(p.label for p in problems) == ["digits, podd, steps 100",
+                                                 "digits, podd, steps 200"]
+    for p in problems:  # each with its own schedule's baseline, and both patch grids
+        steps = {t.config.steps for t in trials if t.key in {c.key for c in p.baseline}}
+        assert len(p.baseline) == 2 and len(steps) == 1
+        assert p.configurations(0.5) == ["16x6 patches, poco order, fixed labels",
+                                         "8x3 patches, poco order, fixed labels"]
+    held = search_problems(trials, [0, 1], {"patch_grid": "16x6"})
+    assert all(p.configurations(0.5) == ["16x6 patches, poco order, fixed labels"]
+               for p in held)
+    with pytest.raises(SearchSpecError, match="needs the baseline at every schedule"):
+        search_problems([t for t in trials if t.config.steps == 200 or
+                         t.config.method == "podd"], [0, 1])
