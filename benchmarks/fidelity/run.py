@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
-    "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-patches.yaml", "c1-extras.yaml"],
+    "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml", "c1-patches.yaml",
+           "c1-extras.yaml"],
     "c2": ["c2-ipc.yaml"],
     "c3": ["c3-order.yaml"],
 }
