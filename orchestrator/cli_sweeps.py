@@ -285,7 +285,8 @@ def stop_command(
     import socket
 
     from orchestrator.driver_lock import running_driver
-    from orchestrator.spec import DEFAULT_STORAGE, parse_spec, read_spec_text
+    from orchestrator.spec import DEFAULT_STORAGE, parse_spec
+    from orchestrator.spec_file import read_spec_text
 
     with user_errors():
         if Path(sweep).is_file():

@@ -123,3 +123,27 @@ def test_method_names_are_compared_only_in_the_registry():
                 if names & {c for c in constants if isinstance(c, str)}:
                     found.append(f"{name}:{node.lineno}")
     assert len(found) <= 3, found
+
+
+def test_every_name_imported_from_the_project_exists():
+    """Imports inside functions run only when their code does: a name moved to another
+    module (spec -> sweep, spec_file) breaks them silently until then."""
+    import importlib
+
+    missing = []
+    files = [f for p in (*PACKAGES, "tests", "benchmarks", "scripts")
+             for f in sorted((ROOT / p).rglob("*.py"))]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in PACKAGES):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if alias.name != "*" and not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} "
+                                       f"{node.module}.{alias.name}")
+    assert not missing, missing

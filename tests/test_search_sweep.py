@@ -55,6 +55,8 @@ def write(folder: Path, name: str, extra: str = "", tail: str = "",
 def trial_runs(folder: Path, sweep: str) -> list:
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("podd-sweep")
+    if experiment is None:  # the store is there, its experiment not yet
+        return []
     return client.search_runs([experiment.experiment_id],
                               f"tags.`podd.sweep` = '{sweep}' and tags.`podd.role` = 'trial'")
 
