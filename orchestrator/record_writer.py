@@ -200,6 +200,11 @@ class RecordWriter:
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 time.sleep(0.05)
+        if not self.gave_up:
+            # the queue is drained, so what is still pending was journaled but never queued:
+            # a Ctrl-C landed between the two steps of submit (on Tune's loop thread)
+            for event in self.pending():
+                self._apply_with_retries(event)
         if self.gave_up or self.pending():
             return False
         self._clear()

@@ -362,8 +362,9 @@ def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, writer: RecordW
             writer.close()
         if recorder is not None and recorder.parent_id is not None and recorded:
             recorder.close_sweep(status)
-        elif writer is not None and writer.gave_up:
-            say(f"warning: {writer.gave_up}; what is not recorded yet is kept beside the sweep "
+        elif writer is not None:
+            why = writer.gave_up or "the MLflow store took too long to record the last events"
+            say(f"warning: {why}; what is not recorded yet is kept beside the sweep "
                 f"and recorded when the same command runs again")
     except Exception as exc:
         if not unwinding:

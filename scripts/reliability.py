@@ -276,7 +276,9 @@ def interrupt_twice(checks: Checks, spec: Path, uri: str, steps_at_stop: dict) -
                  f"{last!r}")
     left_running = [r.info.run_name for r in trial_runs(uri, spec.stem)
                     if r.info.status == "RUNNING"]
-    checks.check("no run left RUNNING after two Ctrl-Cs", not left_running, f"{left_running}")
+    tail = " | ".join(log.read_text()[offset:].strip().splitlines()[-4:])
+    checks.check("no run left RUNNING after two Ctrl-Cs", not left_running,
+                 f"{left_running}" + (f"; the launch's last lines: {tail}" if left_running else ""))
     time.sleep(3)
 
 

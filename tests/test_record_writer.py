@@ -159,3 +159,25 @@ def test_the_limit_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(record_writer.GRACE_ENV, "soon")
     with pytest.raises(Exception, match="PODD_SWEEP_TRACKING_GRACE_S: 'soon'"):
         record_writer.grace_s()
+
+
+def test_an_event_journaled_but_never_queued_is_recorded_by_flush(tmp_path):
+    """A second Ctrl-C raises KeyboardInterrupt wherever Tune's loop thread is, possibly
+    between journaling an event and queueing it: flush records it, so the wind-up can close
+    the runs (a CI run of the ctrl-c drill once left two runs RUNNING this way)."""
+    store = AwayStore()
+    writer, stops = _writer(store, tmp_path)
+    writer.submit("trial_started", "a")
+    real_put = writer._queue.put
+
+    def interrupted_put(event):
+        raise KeyboardInterrupt
+
+    writer._queue.put = interrupted_put
+    with pytest.raises(KeyboardInterrupt):
+        writer.submit("trial_finished", "a")
+    writer._queue.put = real_put
+    assert writer.flush(timeout=10)
+    writer.close()
+    assert store.taken == [("started", "trial-a"), ("finished", "a", None)]
+    assert not writer.journal.exists() and not stops
