@@ -48,7 +48,8 @@ def report_command(
     to tell or no baseline at its schedule (the verdict says which); 2 bad input."""
     from orchestrator import report as rp
     from orchestrator import report_output as out
-    from orchestrator.runs import describe_left_out, gather_runs, nothing_to_report, parse_where
+    from orchestrator.runs import (describe_left_out, describe_repeated_seeds, gather_runs,
+                                   nothing_to_report, parse_where)
 
     with user_errors():
         if output_format not in ("table", "json", "csv", "parquet"):
@@ -91,6 +92,10 @@ def report_command(
         if ids := gathered.left_out_ids(reason):
             err_console.print(f"note: {describe_left_out(ids, reason)}", highlight=False,
                               soft_wrap=True)
+    for r in reports:
+        if r.repeated_seeds:
+            err_console.print(f"note: {r.dataset}: {describe_repeated_seeds(r.repeated_seeds)}",
+                              highlight=False, soft_wrap=True)
     if output_format == "table":
         from orchestrator.report_view import print_report
 

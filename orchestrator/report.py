@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, STOPPED_EARLY,  # noqa: F401
-                               Gathered, ReportError, finite_or_none, select_where)
+                               UNRECORDED, Gathered, ReportError, differing_settings,
+                               display_value, finite_or_none, numbers_first, select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
@@ -56,23 +57,49 @@ def select_dataset(runs: pa.Table, name: str) -> pa.Table:
 
 
 def aggregate(runs: pa.Table) -> pa.Table:
-    """One row per configuration (all settings but the seed), over its seeds."""
+    """One row per configuration (all settings but the seed), over its seeds. A seed run more
+    than once (the same sweep launched under two names, say) counts once, its runs averaged:
+    repeats of one seed are not independent draws, and counting each would narrow the interval
+    and let two runs of one seed pass for two seeds. `runs` counts seeds; `run_ids` lists every
+    run."""
     # one thread keeps each group's run ids and seeds in the table's (run id) order
-    grouped = runs.group_by(GROUP_BY, use_threads=False).aggregate([
+    per_seed = runs.group_by(GROUP_BY + ["seed"], use_threads=False).aggregate([
+        ("test_accuracy", "mean"), ("achieved_ipc", "mean"), ("ipc_by_bytes", "mean"),
+        ("poster_pixels", "max"), ("label_parameters", "max"), ("storage_bytes", "max")])
+    per_seed = per_seed.rename_columns([n.rsplit("_", 1)[0] if n.endswith(("_mean", "_max"))
+                                        else n for n in per_seed.column_names])
+    grouped = per_seed.group_by(GROUP_BY, use_threads=False).aggregate([
         ("test_accuracy", "mean"), ("test_accuracy", "stddev", pc.VarianceOptions(ddof=1)),
         ("test_accuracy", "count"), ("achieved_ipc", "mean"), ("ipc_by_bytes", "mean"),
         ("poster_pixels", "max"), ("label_parameters", "max"), ("storage_bytes", "max"),
-        ("run_id", "list"), ("seed", "list")])
+        ("seed", "list")])
     names = {"test_accuracy_mean": "accuracy", "test_accuracy_stddev": "accuracy_std",
              "test_accuracy_count": "runs", "achieved_ipc_mean": "achieved_ipc",
              "ipc_by_bytes_mean": "ipc_by_bytes", "poster_pixels_max": "poster_pixels",
              "label_parameters_max": "label_parameters", "storage_bytes_max": "storage_bytes",
-             "run_id_list": "run_ids", "seed_list": "seeds"}
+             "seed_list": "seeds"}
     grouped = grouped.rename_columns([names.get(n, n) for n in grouped.column_names])
+    ids_of: dict[tuple, list[str]] = {}  # configuration -> its run ids, in the table's order
+    for run_id, key in zip(runs.column("run_id").to_pylist(), _keys(runs, GROUP_BY)):
+        ids_of.setdefault(key, []).append(run_id)
+    grouped = grouped.add_column(grouped.column_names.index("seeds"), "run_ids", pa.array(
+        [ids_of[key] for key in _keys(grouped, GROUP_BY)], pa.list_(pa.string())))
     # one run has no spread over seeds: std 0 would look like certainty, so it stays null
     return grouped.sort_by([("dataset", "ascending"), ("schedule", "ascending"),
                             ("method", "ascending"), ("ipc", "ascending"),
                             ("accuracy", "descending"), ("settings", "ascending")])
+
+
+def _keys(table: pa.Table, columns: list[str]) -> list[tuple]:
+    return list(zip(*(table.column(c).to_pylist() for c in columns)))
+
+
+def repeated_seed_runs(runs: pa.Table) -> list[str]:
+    """Run ids of runs that share their configuration and seed with another run."""
+    keys = _keys(runs, GROUP_BY + ["seed"])
+    counts = Counter(keys)
+    return [run_id for run_id, key in zip(runs.column("run_id").to_pylist(), keys)
+            if counts[key] > 1]
 
 
 def role_of(method: str) -> str | None:
@@ -80,55 +107,6 @@ def role_of(method: str) -> str | None:
         return get_method(method).role
     except ValueError:
         return None  # a method this version does not know is shown, never judged
-
-
-# --------------------------------------------------------------------------------------------
-# Settings, shown
-# --------------------------------------------------------------------------------------------
-
-UNRECORDED = "(unrecorded)"
-
-
-def display_value(text: str) -> str:
-    """A canonical setting value as people write it (300, not 300.0)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-
-    def plain(v):
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        return [plain(x) for x in v] if isinstance(v, list) else v
-
-    value = plain(value)
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
-    """{setting: its distinct values} for the settings that are not the same in all of
-    `settings` (a setting some did not record counts as UNRECORDED)."""
-    keys = sorted(set().union(*settings)) if settings else []
-    out = {}
-    for key in keys:
-        values = sorted({display_value(s[key]) if key in s else UNRECORDED for s in settings},
-                        key=_numbers_first)
-        if len(values) > 1:
-            out[key] = values
-    return out
-
-
-def _numbers_first(value: str) -> tuple:
-    """Sort key: numbers by value (5 before 10), then text."""
-    try:
-        return (0, float(value), "")
-    except ValueError:
-        return (1, 0.0, value)
-
-
-def describe_differences(differing: dict[str, list[str]]) -> str:
-    """'steps: 120 | 300; width: 32 | 64'."""
-    return "; ".join(f"{k}: {' | '.join(v)}" for k, v in differing.items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +246,8 @@ class DatasetReport:
     differing: dict[str, list[str]]  # schedule settings that differ, with their values
     runs: pa.Table
     left_out: dict[str, list[str]] = field(default_factory=dict)  # reason -> run ids
+    # runs that repeat a seed of their configuration: in the table, each seed counted once
+    repeated_seeds: list[str] = field(default_factory=list)
     # searches (`search: lowest-passing`) of its runs' sweeps: their answers and what they
     # ran (status.recorded_searches; attached by the caller, which reads the parent runs)
     searches: list[dict] = field(default_factory=list)
@@ -303,7 +283,7 @@ class DatasetReport:
                            "verdict": asdict(s.verdict), "groups": s.groups.to_pylist()}
                           for s in self.schedules],
             "runs": self.runs.to_pylist(), "left_out": self.left_out,
-            "searches": self.searches})
+            "repeated_seeds": self.repeated_seeds, "searches": self.searches})
 
 
 def dataset_family(runs: pa.Table, name: str) -> str:
@@ -376,7 +356,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
 
     def in_order(text: str) -> tuple:  # by the settings that differ, numbers by value
         schedule = json.loads(text)
-        return tuple(_numbers_first(display_value(schedule[k]) if k in schedule else UNRECORDED)
+        return tuple(numbers_first(display_value(schedule[k]) if k in schedule else UNRECORDED)
                      for k in differing)
 
     schedule_texts.sort(key=in_order)
@@ -415,7 +395,8 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
                                           table.take(pa.array(rows, type=pa.int64()))))
     left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE)
                 if (ids := gathered.left_out_ids(reason, dataset))}
-    return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out)
+    return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out,
+                         repeated_seed_runs(runs))
 
 
 

@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.report import DatasetReport, ScheduleReport, describe_differences
+from orchestrator.report import DatasetReport, ScheduleReport
+from orchestrator.runs import describe_differences
 from orchestrator.report_output import fmt_accuracy, judged_rows
 from podd_engine.methods import POSTER
 

@@ -223,6 +223,56 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
     return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
 
 
+# --------------------------------------------------------------------------------------------
+# Settings, shown (the report's table and headings)
+
+
+# How settings are shown (the report's tables and headings)
+UNRECORDED = "(unrecorded)"
+
+
+def display_value(text: str) -> str:
+    """A canonical setting value as people write it (300, not 300.0)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def plain(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    value = plain(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
+    """{setting: its distinct values} for the settings that are not the same in all of
+    `settings` (a setting some did not record counts as UNRECORDED)."""
+    keys = sorted(set().union(*settings)) if settings else []
+    out = {}
+    for key in keys:
+        values = sorted({display_value(s[key]) if key in s else UNRECORDED for s in settings},
+                        key=numbers_first)
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+def numbers_first(value: str) -> tuple:
+    """Sort key: numbers by value (5 before 10), then text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def describe_differences(differing: dict[str, list[str]]) -> str:
+    """'steps: 120 | 300; width: 32 | 64'."""
+    return "; ".join(f"{k}: {' | '.join(v)}" for k, v in differing.items())
+
+
 def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
     """One note line for the runs left out for `reason` (their full ids, the first few)."""
     what = {RUNNING: "trial run(s) still RUNNING are left out; report again when they finish",
@@ -233,6 +283,12 @@ def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
                            "counts them as failing)"}
     more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
     return f"{len(ids)} {what[reason]}: {' '.join(ids[:shown])}{more}"
+
+
+def describe_repeated_seeds(ids: list[str], shown: int = 5) -> str:
+    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    return (f"{len(ids)} run(s) repeat a seed of their configuration (same settings, same "
+            f"seed): each seed counts once, its runs averaged: {' '.join(ids[:shown])}{more}")
 
 
 def nothing_to_report(gathered: Gathered, experiment: str) -> ReportError:

@@ -103,6 +103,25 @@ def test_best_configuration_per_ipc_and_seed_aggregation(store):
     assert sorted(groups["16x6"]["seeds"]) == [0, 1] and len(groups["8x3"]["run_ids"]) == 3
 
 
+def test_a_seed_run_twice_counts_once(store):
+    """Two runs of one seed (the same sweep launched under two names) are one draw: the seed
+    counts once with its runs averaged, so two runs of seed 0 are not two seeds."""
+    fill(store, {}, baseline=(0.40, 0.42))
+    twice = [store(method="podd", ipc=0.5, seed=0, accuracy=acc) for acc in (0.50, 0.52)]
+    report = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    assert report.verdict.state == "too-few-runs"  # one seed, however many runs of it
+    store(method="podd", ipc=0.5, seed=1, accuracy=0.45)
+    report = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    (row,) = report.verdict.per_ipc
+    assert row.runs == 2 and row.accuracy == pytest.approx((0.51 + 0.45) / 2)
+    assert row.accuracy_std == pytest.approx(0.0424, abs=1e-4)  # over 0.51 and 0.45
+    assert len(row.run_ids) == 3 and sorted(report.repeated_seeds) == sorted(twice)
+    (podd,) = [g for g in report.groups.to_pylist() if g["method"] == "podd"]
+    assert sorted(podd["seeds"]) == [0, 1] and len(podd["run_ids"]) == 3
+    done = runner.invoke(app, ["report", "--tracking-uri", store.uri, "--dataset", "cifar10"])
+    assert "2 run(s) repeat a seed of their configuration" in done.output
+
+
 def test_no_ipc_passes_and_too_few_runs(store):
     # 0.5 IPC is judged and fails, 0.8 IPC has one run (above the baseline): it could pass
     fill(store, {0.5: [0.30, 0.31], 0.8: [0.50]})
