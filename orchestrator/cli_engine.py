@@ -215,6 +215,7 @@ def distill_command(
     CPU-sized one."""
     from podd_engine import data
     from podd_engine.allocator import tune_glibc_malloc
+    from podd_engine.artifact import ARTIFACT_FILES
     from podd_engine.config import make_config
     from podd_engine.pipeline import distill, save_result
     from podd_engine.rat_bptt import NonFiniteError
@@ -249,6 +250,12 @@ def distill_command(
         out = out or Path("runs") / f"{config.method}-ipc{config.ipc:g}-{config.key()}"
         if out.exists() and not out.is_dir():  # found now, not after the distillation
             raise UserError(f"--out {out} is a file: give a folder for the poster artifact")
+        if out.is_dir() and (others := sorted(p.name for p in out.iterdir()
+                                              if p.name not in ARTIFACT_FILES)):
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                             else "")
+            raise UserError(f"--out {out} holds other files ({shown}): give a new or empty "
+                            f"folder (an earlier poster's folder is replaced)")
         total = get_method(config.method).final_step(config.steps)
         record = None
         if record_to is not None:  # opened before the work: a bad store is one line first

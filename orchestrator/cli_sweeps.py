@@ -186,6 +186,7 @@ def launch_command(
                 raise SpecError(problems[0])
             resources = sweep.spec.resources
             if dry_run:
+                problems += _tracking_problems(sweep.tracking_uri(tracking_uri))
                 for problem in problems:
                     err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
                 from orchestrator.cost import sweep_cost
@@ -214,6 +215,17 @@ def launch_command(
         raise typer.Exit(1)
     if outcome.unfinished or outcome.tracking_gave_up:
         raise typer.Exit(130)
+
+
+def _tracking_problems(uri: str) -> list[str]:
+    """A tracking server that does not answer, said by the dry run as launch would refuse it."""
+    from orchestrator.store import check_tracking_server
+
+    try:
+        check_tracking_server(uri)
+    except UserError as exc:
+        return [f"{exc} (launch refuses to start)"]
+    return []
 
 
 def _print_resolved_spec(spec: Path, overrides: list[str] | None) -> None:

@@ -56,6 +56,10 @@ def _geometry_dict(g: PosterGeometry) -> dict:
             "requested_ipc": g.requested_ipc}
 
 
+# What an artifact folder holds: distill writes only into a folder of these (or a new one)
+ARTIFACT_FILES = ("poster.pt", "poster.json", "poster.png")
+
+
 def save_artifact(folder: str | os.PathLike, *, config: TrialConfig, geometry: PosterGeometry,
                   poster: torch.Tensor, labels: PosterLabels, class_order: torch.Tensor,
                   class_names: tuple[str, ...], preprocessing: Preprocessing,

@@ -217,7 +217,7 @@ LATE_SETTINGS = {"curriculum": "step"}
 
 
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string",
-               "list[int]": "a list of whole numbers",
+               "list[int]": "a list of whole numbers (e.g. [300, 2000])",
                "list[list[int]]": "rows (lists) of whole numbers"}
 
 

@@ -137,6 +137,18 @@ def test_distill_into_a_file_is_refused_before_any_work(tmp_path):
     assert taken.read_text() == "not a folder"
 
 
+def test_distill_into_a_folder_of_other_files_is_refused_before_any_work(tmp_path):
+    """`--out .` or `--out /tmp` would scatter poster files among the user's own."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    line = one_error_line(run("distill", "--dataset", "digits", "--ipc", "1", "--order",
+                              "identity", "--out", str(mine), *TINY))
+    assert line == (f"error: --out {mine} holds other files (notes.txt): give a new or "
+                    f"empty folder (an earlier poster's folder is replaced)")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 def test_evaluate_a_folder_that_is_not_an_artifact(tmp_path):
     line = one_error_line(run("evaluate", str(tmp_path)))
     assert "not a poster artifact" in line

@@ -291,6 +291,11 @@ def test_a_ray_started_by_launch_is_shut_down_when_mlflow_fails(tmp_path, monkey
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: the MLflow tracking server {server} does not answer")
     assert calls == []
+    # ... and the dry run says so (it starts nothing either way)
+    result = runner.invoke(app, ["launch", str(spec), "--dry-run", "--tracking-uri", server])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"warning: the MLflow tracking server {server} does not "
+                                    f"answer") and "(launch refuses to start)" in result.stderr
     # a store that fails once Ray is up (a sqlite file that is not MLflow's): Ray is shut down
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as db:
