@@ -2,7 +2,8 @@
 a real sweep (the smoke sweep by default) run twice from the shipped spec, into two stores:
 once uninterrupted, once with its driver and whole session (its local Ray too) killed with
 SIGKILL at N random moments, each followed by the same command, the last run to the end. The
-two records must agree: the same trials, each with one MLflow run, every run FINISHED, and,
+two records must agree: the same trials, each with one MLflow run, every run FINISHED (or, in
+a search, stopped early and KILLED by design, in both records alike), and,
 the engine being seeded and deterministic on the CPU, the same test accuracy per trial.
 
 The kill times are drawn uniformly over the uninterrupted run's duration (`--seed` picks
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from reliability import CLI, ROOT, Checks, trial_runs
@@ -35,13 +37,16 @@ def _launch(spec: Path, folder: Path, name: str) -> subprocess.Popen:
 
 
 def _record(folder: Path, name: str) -> dict[str, tuple[str, float | None, int]]:
-    """trial key -> (status, test accuracy, runs with that key)."""
+    """trial key -> (status, test accuracy, runs with that key); a run a search stopped early
+    (KILLED by design, tag podd.stopped_early) has status STOPPED-EARLY."""
     runs = trial_runs(f"sqlite:///{folder / name}.db", name)
     out: dict[str, tuple[str, float | None, int]] = {}
     for run in runs:
         key = run.data.tags["podd.trial_key"]
         count = out[key][2] + 1 if key in out else 1
-        out[key] = (run.info.status, run.data.metrics.get("test_accuracy"), count)
+        status = ("STOPPED-EARLY" if run.info.status == "KILLED"
+                  and "podd.stopped_early" in run.data.tags else run.info.status)
+        out[key] = (status, run.data.metrics.get("test_accuracy"), count)
     return out
 
 
@@ -72,10 +77,13 @@ def drill_random_kills(spec: Path, kills: int, seed: int) -> bool:
     reference, killed = _record(folder, "uninterrupted"), _record(folder, "killed")
     checks.check("the same trials", sorted(reference) == sorted(killed),
                  f"{len(reference)} and {len(killed)} trials")
-    checks.check("one MLflow run per trial, every run FINISHED",
-                 all(v[0] == "FINISHED" and v[2] == 1 for v in (*reference.values(),
-                                                                 *killed.values())),
-                 f"{sorted({v[:1] + v[2:] for v in killed.values()})}")
+    done = ("FINISHED", "STOPPED-EARLY")  # a search's stopped-early trials end KILLED, tagged
+    checks.check("one MLflow run per trial, every run FINISHED (or stopped early by a search), "
+                 "each with the uninterrupted run's status",
+                 all(v[0] in done and v[2] == 1 for v in (*reference.values(),
+                                                          *killed.values()))
+                 and all(killed.get(k, ("",))[0] == v[0] for k, v in reference.items()),
+                 f"{sorted(Counter(v[:1] + v[2:] for v in killed.values()).items())}")
     differing = {k[:8]: (reference[k][1], killed[k][1]) for k in reference
                  if k in killed and reference[k][1] != killed[k][1]}
     checks.check("the same test accuracy per trial (seeded, deterministic on the CPU)",
