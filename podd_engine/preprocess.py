@@ -13,6 +13,7 @@ equivariant to permuting coordinates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ def standardize_per_image(images: torch.Tensor) -> torch.Tensor:
     return x.view(images.shape)
 
 
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run the block on one CPU thread. A BLAS product or eigendecomposition splits its sums
+    by thread, so a fit made with 2 threads differs in the last bits from one made with 1; the
+    cached fit is shared by every later trial, and training amplifies those bits into tenths of
+    a point (docs/benchmarks.md). One thread makes a fit the same whichever process makes it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class ZCAWhitening:
     """Regularised ZCA whitening fitted on a training set of shape [C, H, W] images."""
@@ -52,12 +67,13 @@ class ZCAWhitening:
         if regularization < 0:
             raise ValueError(f"ZCA regularization must be >= 0, got {regularization}")
         d = images[0].numel()
-        cov = torch.zeros(d, d, dtype=torch.float64, device=device)
-        for start in range(0, len(images), chunk):  # bounded memory for large training sets
-            x = standardize_per_image(images[start:start + chunk].to(device)).flatten(1)
-            cov += (x.T @ x).to(torch.float64)
-        cov /= len(images)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        with one_cpu_thread():
+            cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+            for start in range(0, len(images), chunk):  # bounded memory for large training sets
+                x = standardize_per_image(images[start:start + chunk].to(device)).flatten(1)
+                cov += (x.T @ x).to(torch.float64)
+            cov /= len(images)
+            eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         return cls(eigenvectors.cpu(), eigenvalues.clamp_min(0).cpu(), float(regularization),
                    tuple(images.shape[1:]))
 
