@@ -240,17 +240,24 @@ def distill(
                               trial.poster, trial.train_images,
                               trial.dataset.train_labels.to(trial.device), schedule, outer,
                               torch.Generator().manual_seed(c.seed))
+        def evaluate_during(step: int) -> None:
+            if c.eval_every and step % c.eval_every == 0 and 0 < step < c.steps:
+                interim = evaluate_poster(trial, distiller.poster, distiller.synthetic.labels)
+                if on_eval is not None:
+                    on_eval(step, interim)
+
         if resume is not None:
             distiller.load_state_dict(resume)
+            # on_step (a checkpoint) comes before the evaluation of the same step, so a trial
+            # stopped between the two never reported it (a search judges a trial by it): the
+            # evaluation is redone, with the same seeds, so it gives the same figures
+            evaluate_during(distiller.step_count)
         while distiller.step_count < c.steps:
             metrics = distiller.step()
             result.history.append(metrics)
             if on_step is not None:
                 on_step(metrics, distiller)
-            if c.eval_every and metrics.step % c.eval_every == 0 and metrics.step < c.steps:
-                interim = evaluate_poster(trial, distiller.poster, distiller.synthetic.labels)
-                if on_eval is not None:
-                    on_eval(metrics.step, interim)
+            evaluate_during(metrics.step)
         result.poster = distiller.poster.detach()
         result.labels = distiller.synthetic.labels
     if evaluate:

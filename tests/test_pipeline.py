@@ -1,5 +1,6 @@
 """The engine end to end on the real 8x8 digits: every method, artifacts, re-evaluation."""
 
+import copy
 import json
 
 import pytest
@@ -89,6 +90,27 @@ def test_distillation_learns_digits_well_above_chance(digits):
     assert result.evaluation.mean() > 0.45  # chance is 0.1
     losses = [m.loss for m in result.history]
     assert sum(losses[-10:]) < sum(losses[:10]) - 1.0  # the meta-loss goes down
+
+
+def test_a_trial_resumed_at_an_evaluation_step_redoes_that_evaluation(digits):
+    """A checkpoint at an evaluation step is taken before that evaluation, so a trial killed
+    between the two never reported it, and a search's early stopping never judged it: the
+    resumed trial evaluates again at that step, with the same figures."""
+    config = tiny(steps=4, eval_every=2)
+    states, evals = {}, []
+    # a deep copy: the state holds the live poster, which later steps change in place
+    distill(config, digits,
+            on_step=lambda m, d: states.setdefault(m.step, copy.deepcopy(d.state_dict())),
+            on_eval=lambda step, r: evals.append((step, r.accuracies)), evaluate=False)
+    assert [step for step, _ in evals] == [2]
+    again = []
+    distill(config, digits, resume=states[2], evaluate=False,
+            on_eval=lambda step, r: again.append((step, r.accuracies)))
+    assert again == evals  # step 2 once more, the same accuracies; none at step 3
+    later = []
+    distill(config, digits, resume=states[3], evaluate=False,
+            on_eval=lambda step, r: later.append(step))
+    assert later == []  # step 3 had no evaluation to redo (and 4 is the final one)
 
 
 def test_artifact_round_trip_and_exact_re_evaluation(digits, tmp_path):
