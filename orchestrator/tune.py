@@ -287,7 +287,7 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
     except BaseException:
         _wind_up(stop, recorder, writer, "KILLED", owns_ray, unwinding=True)
         raise
-    _wind_up(stop, recorder, writer, status, owns_ray, unwinding=False)
+    finish(stop, recorder, writer, status, owns_ray)
     if writer is not None and writer.gave_up:
         outcome.tracking_gave_up = writer.gave_up
     return outcome
@@ -347,12 +347,22 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
             callbacks=callbacks, verbose=verbose))
 
 
+def finish(stop: GracefulStop, recorder: SweepRecorder | None, writer: RecordWriter | None,
+           status: str, owns_ray: bool) -> None:
+    """The wind-up after Tune's loop, where a Ctrl-C (a second one, just after a first that
+    stopped every trial at once) raises wherever it is: the runs are still closed, KILLED."""
+    try:
+        _wind_up(stop, recorder, writer, status, owns_ray, unwinding=False)
+    except KeyboardInterrupt:
+        _wind_up(stop, recorder, writer, "KILLED", owns_ray, unwinding=True)
+        raise
+
+
 def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, writer: RecordWriter | None,
              status: str, owns_ray: bool, *, unwinding: bool) -> None:
     """Record what is left, close the sweep's MLflow runs (none left RUNNING) and the Ray
     this launch started. While an error or a Ctrl-C is on its way out, a failure here is one
-    warning line: the error the user must see is that one (and the next launch closes the
-    runs anyway). A store that stayed away keeps its journal for the next launch."""
+    warning line (the error to see is that one); an away store keeps its journal."""
     import ray
 
     stop.close()

@@ -457,6 +457,48 @@ def test_graceful_stop_waits_for_each_running_trial_then_ends_tunes_loop(tmp_pat
     assert ended == [True, True]
 
 
+def test_a_ctrl_c_during_the_wind_up_still_closes_the_runs(tmp_path):
+    """Tune's loop ended by a first Ctrl-C, a second one 0.2 s later lands in the wind-up
+    (waiting for the MLflow writer, say), where Ctrl-C's own handler is gone: the runs are
+    still closed, KILLED, and the interrupt goes on to the CLI's one line."""
+    from orchestrator.interrupt import GracefulStop
+    from orchestrator.tune import finish
+
+    class Writer:
+        gave_up = None
+
+        def __init__(self):
+            self.flushes = 0
+
+        def flush(self, timeout=None):
+            self.flushes += 1
+            if self.flushes == 1:
+                raise KeyboardInterrupt  # the second Ctrl-C, mid-wait
+            return True
+
+        def close(self):
+            pass
+
+    class Recorder:
+        parent_id = "parent"
+
+        def __init__(self):
+            self.closed = []
+
+        def close_sweep(self, status):
+            self.closed.append(status)
+
+    recorder = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        finish(GracefulStop(tmp_path / "stop"), recorder, Writer(), "KILLED", owns_ray=False)
+    assert recorder.closed == ["KILLED"]
+    recorder = Recorder()  # no Ctrl-C: closed once, with the sweep's own status
+    writer = Writer()
+    writer.flushes = 1
+    finish(GracefulStop(tmp_path / "stop"), recorder, writer, "FINISHED", owns_ray=False)
+    assert recorder.closed == ["FINISHED"]
+
+
 def test_evaluations_during_distillation_are_recorded_at_their_steps(tmp_path):
     # eval_every: the trial evaluates its poster at step 3 as well as at the end (step 6)
     spec = write_spec(tmp_path, "interim", "ipc: 1.0\nseeds: [0]\n")
