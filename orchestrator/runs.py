@@ -223,10 +223,6 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
     return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
 
 
-# --------------------------------------------------------------------------------------------
-# Settings, shown (the report's table and headings)
-
-
 # How settings are shown (the report's tables and headings)
 UNRECORDED = "(unrecorded)"
 
@@ -281,14 +277,19 @@ def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
             STOPPED_EARLY: "run(s) a search stopped early, below the baseline's curve, are not "
                            "finished runs of their schedule and are left out (the search "
                            "counts them as failing)"}
-    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
-    return f"{len(ids)} {what[reason]}: {' '.join(ids[:shown])}{more}"
+    return f"{len(ids)} {what[reason]}: {_first_ids(ids, shown)}"
 
 
 def describe_repeated_seeds(ids: list[str], shown: int = 5) -> str:
-    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    """The note line for runs that repeat a seed of their configuration."""
     return (f"{len(ids)} run(s) repeat a seed of their configuration (same settings, same "
-            f"seed): each seed counts once, its runs averaged: {' '.join(ids[:shown])}{more}")
+            f"seed): each seed counts once, its runs averaged: {_first_ids(ids, shown)}")
+
+
+def _first_ids(ids: list[str], shown: int) -> str:
+    """The first `shown` run ids in full, and how many more there are."""
+    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    return " ".join(ids[:shown]) + more
 
 
 def nothing_to_report(gathered: Gathered, experiment: str) -> ReportError:

@@ -372,7 +372,7 @@ def _wind_up(stop: GracefulStop, recorder: SweepRecorder | None, writer: RecordW
             writer.close()
         if recorder is not None and recorder.parent_id is not None and recorded:
             recorder.close_sweep(status)
-        elif writer is not None:
+        elif not recorded:
             why = writer.gave_up or "the MLflow store took too long to record the last events"
             say(f"warning: {why}; what is not recorded yet is kept beside the sweep "
                 f"and recorded when the same command runs again")

@@ -240,6 +240,7 @@ def distill(
                               trial.poster, trial.train_images,
                               trial.dataset.train_labels.to(trial.device), schedule, outer,
                               torch.Generator().manual_seed(c.seed))
+
         def evaluate_during(step: int) -> None:
             if c.eval_every and step % c.eval_every == 0 and 0 < step < c.steps:
                 interim = evaluate_poster(trial, distiller.poster, distiller.synthetic.labels)
