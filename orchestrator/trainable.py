@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -143,6 +144,42 @@ def _node_id() -> str:
 
 def _eval_metrics(result) -> dict[str, float]:
     return {k: v for k, v in result.summary().items() if k.startswith("test_accuracy")}
+
+
+def create_trainable(faults: FaultPlan, payloads: dict[str, dict], resources: dict):
+    """What Tune runs: `run_trial` with the sweep's payloads and a trial's resources, whose
+    restore survives a checkpoint that Tune's record names but storage no longer holds.
+
+    Tune keeps a trial's newest `num_to_keep` checkpoints and deletes older ones as new ones
+    come, while its record of the newest (the experiment snapshot) is written apart from that:
+    a driver killed between the two leaves a record naming a deleted checkpoint, and Tune's own
+    restore then fails the trial. Here such a restore is skipped instead, and `run_trial`
+    resumes from the newest intact checkpoint in the trial's storage (`scan_checkpoints`),
+    which is never older than the one the record named."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    # wrap_function keeps the function's name (run_trial): Tuner.restore checks it
+    function_trainable = wrap_function(
+        tune.with_parameters(make_trainable(faults), payloads=payloads))
+
+    class RunTrial(function_trainable):
+        def restore(self, checkpoint_path):
+            checkpoint = getattr(checkpoint_path, "checkpoint", checkpoint_path)
+            if isinstance(checkpoint, tune.Checkpoint) and not _on_storage(checkpoint):
+                print(f"warning: Tune's record names checkpoint {checkpoint.path}, which is no "
+                      f"longer in storage; the trial resumes from the newest one there",
+                      file=sys.stderr)
+                return None
+            return super().restore(checkpoint_path)
+
+    return tune.with_resources(RunTrial, resources)
+
+
+def _on_storage(checkpoint) -> bool:
+    from pyarrow.fs import FileType
+
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != FileType.NotFound
 
 
 def make_trainable(faults: FaultPlan):

@@ -36,7 +36,7 @@ from orchestrator.sweep import PlannedTrial, Sweep
 from orchestrator.record_writer import RecordWriter
 from orchestrator.store import check_tracking_server, prepare_sqlite_store
 from orchestrator.tracking import RecordedSweep, SweepRecorder, TrackingCallback
-from orchestrator.trainable import make_trainable
+from orchestrator.trainable import create_trainable
 from podd_engine.errors import first_line
 
 SWEEP_STATE = "podd_sweep.json"  # next to Tune's experiment state: what this sweep is
@@ -312,10 +312,8 @@ def _make_tuner(sweep: Sweep, experiment_dir: Path, tracking_uri: str, can_resto
     stop_file = next(c.stop_file for c in callbacks if isinstance(c, GracefulStop))
     # the grid is over trial keys (short in Tune's table); the configs travel by object store
     payloads = {t.key: trial_payload(t, sweep, stop_file) for t in sweep.trials}
-    trainable = tune.with_resources(
-        tune.with_parameters(make_trainable(FaultPlan(os.environ.get(FAULTS_ENV))),
-                             payloads=payloads),
-        {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu})
+    trainable = create_trainable(FaultPlan(os.environ.get(FAULTS_ENV)), payloads,
+                                 {"cpu": sweep.spec.resources.cpu, "gpu": sweep.spec.resources.gpu})
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not (experiment_dir / SWEEP_STATE).exists():  # a new sweep, or a state file deleted
         write_sweep_state(sweep, experiment_dir, tracking_uri)

@@ -83,6 +83,27 @@ def loss_steps(uri: str, run) -> list[int]:
     return [m.step for m in client_for(uri).get_metric_history(run.info.run_id, "loss")]
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes of session `sid`: a launch started with start_new_session and all it
+    started (its local Ray too)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def wait_until(predicate, timeout: float, what: str, poll: float = 1.0,
                launch: subprocess.Popen | None = None, spec: Path | None = None):
     """Poll until `predicate` holds; a `launch` that ends first fails at once, with its log's
@@ -240,11 +261,14 @@ def _one_line_exit(log: str) -> tuple[bool, str]:
 
 
 def interrupt_start_up(checks: Checks, spec: Path) -> None:
-    """Ctrl-C while launch starts (modules imported, data set loaded, Ray starting)."""
+    """Ctrl-C while launch starts: once its local Ray's raylet is up, seconds before Tune's
+    loop runs (a fixed delay would land after it on a faster machine, or in the imports on a
+    slower one)."""
     log = spec.with_suffix(".log")
     offset = log.stat().st_size if log.exists() else 0
     process = start_launch(spec)
-    time.sleep(6)
+    wait_until(lambda: any("raylet" in command_of(pid) for pid in session_pids(process.pid)),
+               120, "the launch's Ray to start", poll=0.05, launch=process, spec=spec)
     os.killpg(process.pid, signal.SIGINT)
     code = process.wait(timeout=120)
     ok, last = _one_line_exit(log.read_text()[offset:])

@@ -17,28 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from reliability import (Checks, client_for, common_end_checks, loss_steps, start_launch,
-                         trial_runs, write_spec)
+from reliability import (Checks, client_for, command_of, common_end_checks, loss_steps,
+                         session_pids, start_launch, trial_runs, write_spec)
 
 STEPS = 40
 EVAL_STEPS = 400  # a final evaluation long enough to be caught in the act
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
 def _kill_all(process: subprocess.Popen) -> None:
     """SIGKILL the driver and everything it started (its session: the local Ray too)."""
-    for pid in _session_pids(process.pid):
+    for pid in session_pids(process.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -71,7 +59,7 @@ def drill_kill_anytime() -> bool:
         return trial_runs(uri, name) if store.exists() else []
 
     def ray_processes(process) -> bool:
-        return any("gcs_server" in _cmd(pid) for pid in _session_pids(process.pid))
+        return any("gcs_server" in command_of(pid) for pid in session_pids(process.pid))
 
     def mid_trial() -> bool:
         return any(10 <= max(loss_steps(uri, r), default=0) <= STEPS - 10 for r in runs())
@@ -133,10 +121,3 @@ def drill_kill_anytime() -> bool:
     checks.check("no half-created store left", not leftovers, f"{leftovers}")
     shutil.rmtree(folder, ignore_errors=True)
     return checks.record("python scripts/reliability.py kill-anytime")
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

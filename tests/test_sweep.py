@@ -188,6 +188,27 @@ def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, monkeypatch, cap
     assert steps(client, run) == [2, 3, 5, 6]
 
 
+def test_a_checkpoint_pruned_after_tunes_last_snapshot_resumes_from_the_newest(
+        tmp_path, monkeypatch, capsys):
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps([{"trial": "podd", "step": 4, "kind": "exit"}]))
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    spec = write_spec(tmp_path, "pruned", "ipc: 1.0\nmax_failures: 0\n")
+    assert list(launch(sweep_of(spec), verbose=0).states.values()) == ["FAILED"]
+    (recorded,) = (tmp_path / "ray" / "pruned").glob("*/checkpoint_*")
+    # what a driver killed at the wrong moment leaves: Tune's record names a checkpoint that
+    # num_to_keep has since deleted, and storage holds a newer one the record never saw
+    recorded.rename(recorded.with_name("checkpoint_000007"))
+
+    capsys.readouterr()
+    again = launch(sweep_of(spec), verbose=0)
+    assert list(again.states.values()) == ["FINISHED"]
+    client, _, trials = runs_of(tmp_path, "pruned")
+    (run,) = trials.values()
+    assert steps(client, run) == [2, 3, 5, 6]  # resumed at step 3, nothing redone
+    assert steps(client, run, "started_at_step") == [0, 3]
+
+
 def test_changed_spec_under_the_same_name_is_refused(tmp_path):
     spec = write_spec(tmp_path, "same", "ipc: 1.0\n")
     launch(sweep_of(spec), verbose=0)
