@@ -155,6 +155,12 @@ class RecordWriter:
                 if event is None or self.gave_up:
                     continue
                 self._apply_with_retries(event)
+            except Exception as exc:
+                # the thread must outlive any one event (the journal could not be written, a
+                # bug): a dead writer would leave every later event unrecorded and flush
+                # waiting. The event stays pending in the journal: flush tries it once more.
+                say(f"warning: the MLflow writer could not finish {event['op']} of trial "
+                    f"{event['key']}: {first_line(exc)}")
             finally:
                 self._queue.task_done()
             if event is None:
@@ -196,13 +202,15 @@ class RecordWriter:
         the journal is empty afterwards (and then removed)."""
         if self._thread is not None:
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._queue.unfinished_tasks and not self.gave_up:
+            while self._queue.unfinished_tasks and not self.gave_up \
+                    and self._thread.is_alive():
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 time.sleep(0.05)
         if not self.gave_up:
-            # the queue is drained, so what is still pending was journaled but never queued:
-            # a Ctrl-C landed between the two steps of submit (on Tune's loop thread)
+            # the queue is drained, so what is still pending was journaled but never queued
+            # (a Ctrl-C landed between the two steps of submit, on Tune's loop thread) or the
+            # writer could not finish it: this thread records it now
             for event in self.pending():
                 self._apply_with_retries(event)
         if self.gave_up or self.pending():

@@ -159,7 +159,8 @@ def plot_report(report: DatasetReport, path: Path) -> Path:
     ax.set_xlabel("images per class (IPC" + (", by bytes)" if report.budget == "bytes" else ")"))
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # a plot of baselines only has nothing to label
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     try:  # the temporary file has no .png suffix: name the format
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -181,3 +181,33 @@ def test_an_event_journaled_but_never_queued_is_recorded_by_flush(tmp_path):
     writer.close()
     assert store.taken == [("started", "trial-a"), ("finished", "a", None)]
     assert not writer.journal.exists() and not stops
+
+
+def test_an_event_the_writer_thread_cannot_finish_neither_stops_it_nor_hangs_flush(
+        tmp_path, capsys):
+    """Whatever goes wrong in the writer thread beyond a write to the store (here: marking the
+    first event done in the journal fails, as on a full disk), the events after it are still
+    recorded, and flush, which waits for the thread with no time limit at the end of a
+    sweep, returns having recorded the one left pending."""
+    store = AwayStore()
+    writer, stops = _writer(store, tmp_path)
+    real_append, failures = writer._append, []
+
+    def append(entry):
+        if "done" in entry and threading.current_thread().name == "podd-sweep-mlflow" \
+                and not failures:
+            failures.append(entry)
+            raise OSError(28, "No space left on device")
+        real_append(entry)
+
+    writer._append = append
+    writer.submit("trial_started", "a")
+    writer.submit("trial_started", "b")
+    assert writer.flush(timeout=10)
+    writer.close()
+    # "a" is recorded twice (the writer's try and flush's): the recorder's writes are
+    # idempotent, so the MLflow record holds it once
+    assert store.taken == [("started", "trial-a"), ("started", "trial-b"),
+                           ("started", "trial-a")]
+    assert "could not finish trial_started of trial a: [Errno 28]" in capsys.readouterr().err
+    assert not writer.journal.exists() and not stops
