@@ -166,14 +166,20 @@ def test_resume_an_interrupted_sweep_without_duplicates(tmp_path, monkeypatch):
                 if a.path.endswith(".png")]) == 2
 
 
-def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, monkeypatch, capsys):
-    faults = tmp_path / "faults.json"
-    # the worker dies at step 4, after the step-3 checkpoint, and may not retry
+def failed_after_one_checkpoint(folder: Path, name: str, monkeypatch) -> tuple[Path, Path]:
+    """A one-trial sweep whose worker dies at step 4, after its step-3 checkpoint, and may not
+    retry: the spec and that checkpoint, the one Tune's record names."""
+    faults = folder / "faults.json"
     faults.write_text(json.dumps([{"trial": "podd", "step": 4, "kind": "exit"}]))
     monkeypatch.setenv(FAULTS_ENV, str(faults))
-    spec = write_spec(tmp_path, "damaged", "ipc: 1.0\nmax_failures: 0\n")
+    spec = write_spec(folder, name, "ipc: 1.0\nmax_failures: 0\n")
     assert list(launch(sweep_of(spec), verbose=0).states.values()) == ["FAILED"]
-    (checkpoint,) = (tmp_path / "ray" / "damaged").glob("*/checkpoint_*")
+    (checkpoint,) = (folder / "ray" / name).glob("*/checkpoint_*")
+    return spec, checkpoint
+
+
+def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, monkeypatch, capsys):
+    spec, checkpoint = failed_after_one_checkpoint(tmp_path, "damaged", monkeypatch)
     state = checkpoint / "state.pt"
     state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
 
@@ -189,18 +195,12 @@ def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, monkeypatch, cap
 
 
 def test_a_checkpoint_pruned_after_tunes_last_snapshot_resumes_from_the_newest(
-        tmp_path, monkeypatch, capsys):
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps([{"trial": "podd", "step": 4, "kind": "exit"}]))
-    monkeypatch.setenv(FAULTS_ENV, str(faults))
-    spec = write_spec(tmp_path, "pruned", "ipc: 1.0\nmax_failures: 0\n")
-    assert list(launch(sweep_of(spec), verbose=0).states.values()) == ["FAILED"]
-    (recorded,) = (tmp_path / "ray" / "pruned").glob("*/checkpoint_*")
+        tmp_path, monkeypatch):
+    spec, recorded = failed_after_one_checkpoint(tmp_path, "pruned", monkeypatch)
     # what a driver killed at the wrong moment leaves: Tune's record names a checkpoint that
     # num_to_keep has since deleted, and storage holds a newer one the record never saw
     recorded.rename(recorded.with_name("checkpoint_000007"))
 
-    capsys.readouterr()
     again = launch(sweep_of(spec), verbose=0)
     assert list(again.states.values()) == ["FINISHED"]
     client, _, trials = runs_of(tmp_path, "pruned")
