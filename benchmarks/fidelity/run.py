@@ -42,15 +42,28 @@ def launch(claim: str) -> int:
     return 0
 
 
-def c1_rows(tracking_uri: str) -> list[dict]:
-    """One row per schedule with PoDD (poster) and baseline runs at 1 IPC: the settings that
-    set it apart, both sides' accuracies and the gap, at the end and per evaluation step."""
+PAPER_GRID = "16x6"  # Fig. 6's 96 overlapping patches at 1 IPC: the C1 curve's PoDD side
+
+
+def c1_rows(tracking_uri: str, grid: str = PAPER_GRID) -> list[dict]:
+    """One row per schedule with PoDD runs of patch grid `grid` and baseline runs at 1 IPC:
+    the settings that set it apart, both sides' accuracies and the gap, at the end and per
+    evaluation step. (Only that grid: with several in a schedule, the report's verdict would
+    take the best, and the curve would mix grids.)"""
+    import dataclasses
+
+    import pyarrow as pa
+
     from orchestrator.report import build_report
     from orchestrator.runs import gather_runs
     from orchestrator.store import run_records
     from orchestrator.stats import welch_interval
 
     gathered = gather_runs(tracking_uri, "podd-sweep")
+    keep = [i for i, (method, patch_grid) in enumerate(zip(
+        gathered.runs.column("method").to_pylist(), gathered.runs.column("patch_grid").to_pylist()))
+        if method != "podd" or patch_grid == grid]
+    gathered = dataclasses.replace(gathered, runs=gathered.runs.take(pa.array(keep, pa.int64())))
     records = {r.run_id: r for r in run_records(tracking_uri, "podd-sweep")}
     rows = []
     for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
@@ -93,6 +106,52 @@ def c1_rows(tracking_uri: str) -> list[dict]:
 
 def pct(value: float | None) -> str:
     return "?" if value is None else f"{100 * value:.2f}"
+
+
+def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[dict]:
+    """The patch grids of one sweep at 1 IPC against its baseline (same schedule, same
+    store): each grid's accuracy over seeds and its gap with the 95 % interval."""
+    from orchestrator.report import build_report
+    from orchestrator.runs import ReportError, gather_runs
+    from orchestrator.stats import welch_interval
+
+    try:
+        gathered = gather_runs(tracking_uri, "podd-sweep", sweep=sweep)
+    except ReportError:  # the sweep has not run in this store
+        return []
+    rows = []
+    for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
+        for schedule in build_report(gathered, family).schedules:
+            b = schedule.baseline
+            if b is None:
+                continue
+            for g in schedule.groups.to_pylist():
+                if g["method"] != "podd" or g["ipc"] != 1.0:
+                    continue
+                interval = welch_interval(g["accuracy"], g["accuracy_std"], g["runs"],
+                                          b.accuracy, b.std, b.runs)
+                rows.append({"family": family, "sweep": sweep, "patch_grid": g["patch_grid"],
+                             "schedule": schedule.schedule,
+                             "podd": g["accuracy"], "podd_std": g["accuracy_std"],
+                             "podd_runs": g["runs"], "podd_run_ids": g["run_ids"],
+                             "baseline": b.accuracy, "baseline_std": b.std,
+                             "baseline_runs": b.runs, "baseline_run_ids": b.run_ids,
+                             "gap": g["accuracy"] - b.accuracy,
+                             "gap_low": interval.low if interval else None,
+                             "gap_high": interval.high if interval else None})
+    return rows
+
+
+def print_grids(rows: list[dict]) -> None:
+    print("| patch grid | PoDD % (runs) | RaT-BPTT % (runs) | gap (points) | 95 % interval |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        interval = ("unknown" if r["gap_low"] is None else
+                    f"[{100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f}]")
+        print(f"| {r['patch_grid']} | {pct(r['podd'])} +- {pct(r['podd_std'])} ({r['podd_runs']}) | "
+              f"{pct(r['baseline'])} +- {pct(r['baseline_std'])} ({r['baseline_runs']}) | "
+              f"{100 * r['gap']:+.2f} | {interval} |")
+
 
 
 def print_c1(rows: list[dict]) -> None:
@@ -228,6 +287,10 @@ def main() -> int:
         plot_c1(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
     export_runs(args.tracking_uri, args.json.with_name("runs.jsonl"))
+    grids = grid_rows(args.tracking_uri)
+    if grids:
+        print_grids(grids)
+        write(args.json.with_name("c1-grids.json"), {"claim": "c1", "rows": grids})
     c2 = c2_rows(args.tracking_uri)
     if c2:
         print_c2(c2)
