@@ -113,7 +113,7 @@ def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[di
     store): each grid's accuracy over seeds and its gap with the 95 % interval."""
     from orchestrator.report import build_report
     from orchestrator.runs import ReportError, gather_runs
-    from orchestrator.stats import welch_interval
+    from orchestrator.verdict import interval_to
 
     try:
         gathered = gather_runs(tracking_uri, "podd-sweep", sweep=sweep)
@@ -128,8 +128,7 @@ def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[di
             for g in schedule.groups.to_pylist():
                 if g["method"] != "podd" or g["ipc"] != 1.0:
                     continue
-                interval = welch_interval(g["accuracy"], g["accuracy_std"], g["runs"],
-                                          b.accuracy, b.std, b.runs)
+                interval = interval_to(g, b)  # the report's own, as its verdict uses
                 rows.append({"family": family, "sweep": sweep, "patch_grid": g["patch_grid"],
                              "schedule": schedule.schedule,
                              "podd": g["accuracy"], "podd_std": g["accuracy_std"],
@@ -151,7 +150,6 @@ def print_grids(rows: list[dict]) -> None:
         print(f"| {r['patch_grid']} | {pct(r['podd'])} +- {pct(r['podd_std'])} ({r['podd_runs']}) | "
               f"{pct(r['baseline'])} +- {pct(r['baseline_std'])} ({r['baseline_runs']}) | "
               f"{100 * r['gap']:+.2f} | {interval} |")
-
 
 
 def print_c1(rows: list[dict]) -> None:
