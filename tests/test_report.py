@@ -21,16 +21,17 @@ runner = CliRunner()
 def record_trial(client, experiment_id, parent_id, *, method, ipc, seed, accuracy,
                  dataset="parquet:/data/cifar10", family="cifar10", patch_grid="16x6",
                  labels="fixed", status="FINISHED", pixels=None, label_parameters=0,
-                 accuracy_std=0.01):
+                 accuracy_std=0.01, sweep="s", extra_params=None):
     """A trial run as the sweep recorder writes it (params, tags, metrics)."""
     run = client.create_run(experiment_id, run_name=f"{method}-{ipc}-{seed}",
-                            tags={SWEEP_TAG: "s", ROLE_TAG: "trial", PARENT_TAG: parent_id,
-                                  KEY_TAG: f"{method}{ipc}{seed}{patch_grid}{labels}"})
+                            tags={SWEEP_TAG: sweep, ROLE_TAG: "trial", PARENT_TAG: parent_id,
+                                  KEY_TAG: f"{sweep}{method}{ipc}{seed}{patch_grid}{labels}"})
     pixels = pixels if pixels is not None else int(ipc * 10 * 32 * 32)
     params = {"dataset": dataset, "dataset_family": family, "method": method, "ipc": ipc,
               "achieved_ipc": ipc, "patch_grid": patch_grid, "order": "poco", "labels": labels,
               "seed": seed, "eval_models": 3, "poster_pixels": pixels, "channels": 3,
-              "num_classes": 10, "image_size": "32x32", "label_parameters": label_parameters}
+              "num_classes": 10, "image_size": "32x32", "label_parameters": label_parameters,
+              **(extra_params or {})}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric("test_accuracy", accuracy, 0, 100),
                               Metric("test_accuracy_std", accuracy_std, 0, 100)])

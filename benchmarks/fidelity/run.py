@@ -43,6 +43,8 @@ def launch(claim: str) -> int:
 
 
 PAPER_GRID = "16x6"  # Fig. 6's 96 overlapping patches at 1 IPC: the C1 curve's PoDD side
+C1_SWEEPS = "fidelity-c1"  # the C1 sweeps' names start so; C2 also runs 1 IPC at cpu-small,
+# and its one-seed runs must not stand in for the C1 curve's point at that schedule
 
 
 def c1_rows(tracking_uri: str, grid: str = PAPER_GRID) -> list[dict]:
@@ -60,9 +62,9 @@ def c1_rows(tracking_uri: str, grid: str = PAPER_GRID) -> list[dict]:
     from orchestrator.stats import welch_interval
 
     gathered = gather_runs(tracking_uri, "podd-sweep")
-    keep = [i for i, (method, patch_grid) in enumerate(zip(
-        gathered.runs.column("method").to_pylist(), gathered.runs.column("patch_grid").to_pylist()))
-        if method != "podd" or patch_grid == grid]
+    columns = (gathered.runs.column(c).to_pylist() for c in ("sweep", "method", "patch_grid"))
+    keep = [i for i, (sweep, method, patch_grid) in enumerate(zip(*columns))
+            if sweep.startswith(C1_SWEEPS) and (method != "podd" or patch_grid == grid)]
     gathered = dataclasses.replace(gathered, runs=gathered.runs.take(pa.array(keep, pa.int64())))
     records = {r.run_id: r for r in run_records(tracking_uri, "podd-sweep")}
     rows = []
@@ -195,26 +197,26 @@ def plot_c1(rows: list[dict], path: Path) -> None:
 
 
 def c2_rows(tracking_uri: str, sweep: str = "fidelity-c2-ipc") -> list[dict]:
-    """C2: PoDD below 1 IPC against the 1-IPC baseline of the same schedule, per IPC (the
-    report's verdict over the sweep's runs and the C1 sweeps' baseline at that schedule)."""
+    """C2: PoDD at each IPC of the C2 sweep against that sweep's RaT-BPTT 1-IPC baseline (the
+    report's verdict over the sweep's own runs: one schedule, one store)."""
     from orchestrator.report import build_report
-    from orchestrator.runs import gather_runs
+    from orchestrator.runs import ReportError, gather_runs
 
-    gathered = gather_runs(tracking_uri, "podd-sweep")
-    sweeps = set(gathered.runs.column("sweep").to_pylist())
-    if sweep not in sweeps:
+    try:
+        gathered = gather_runs(tracking_uri, "podd-sweep", sweep=sweep)
+    except ReportError:  # the sweep has not run in this store
         return []
     rows = []
     for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
         for schedule in build_report(gathered, family).schedules:
             b = schedule.baseline
-            mine = [r for r in schedule.verdict.per_ipc if r.ipc < 1.0]
-            if b is None or not mine:
+            if b is None:
                 continue
-            for r in mine:
+            for r in schedule.verdict.per_ipc:
                 rows.append({"schedule": schedule.label, "ipc": r.ipc, "podd": r.accuracy,
                              "podd_std": r.accuracy_std, "runs": r.runs,
-                             "baseline": b.accuracy, "baseline_runs": b.runs,
+                             "baseline": b.accuracy, "baseline_std": b.std,
+                             "baseline_runs": b.runs,
                              "gap": r.difference, "gap_low": r.difference_low,
                              "gap_high": r.difference_high, "run_ids": r.run_ids,
                              "baseline_run_ids": b.run_ids})
@@ -240,6 +242,57 @@ def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
                              [p["accuracy"] for p in points])
         result["correlation"] = {"r": c.r, "low": c.low, "high": c.high, "n": c.n}
     return result
+
+
+def plot_c2(rows: list[dict], path: Path) -> None:
+    """PoDD's accuracy against IPC, with the RaT-BPTT 1-IPC baseline as a band (mean +- std
+    over its seeds): C2 reads off where the line crosses the band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["ipc"])
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    ax.errorbar([r["ipc"] for r in rows], [100 * r["podd"] for r in rows],
+                yerr=[100 * (r["podd_std"] or 0) for r in rows], marker="o", capsize=3,
+                label="PoDD 16x6 (bars: std over seeds, where more than one)")
+    b, s = 100 * rows[0]["baseline"], 100 * (rows[0]["baseline_std"] or 0)
+    ax.axhline(b, color="black", lw=0.8,
+               label=f"RaT-BPTT 1 IPC ({rows[0]['baseline_runs']} seeds, band: std)")
+    ax.axhspan(b - s, b + s, color="black", alpha=0.1)
+    ax.set_xlabel("images per class (IPC)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("C2 on CIFAR-10 (cpu-small schedule)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_c3(result: dict, path: Path) -> None:
+    """Each run's accuracy against its class order's score, PoCO's runs marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for order, marker in (("random", "o"), ("poco", "*")):
+        mine = [p for p in result["points"] if p["order"] == order]
+        ax.scatter([p["order_score"] for p in mine], [100 * p["accuracy"] for p in mine],
+                   marker=marker, s=60 if order == "poco" else 30, label=order)
+    c = result.get("correlation")
+    if c:
+        interval = "unknown" if c["low"] is None else f"[{c['low']:+.2f}, {c['high']:+.2f}]"
+        ax.set_title(f"C3 at 0.3 IPC: r = {c['r']:+.2f}, 95 % interval {interval}, "
+                     f"{c['n']} runs (paper: 0.76)", fontsize=10)
+    ax.set_xlabel("order score (1 / summed neighbour distance)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def print_c2(rows: list[dict]) -> None:
@@ -293,10 +346,12 @@ def main() -> int:
     if c2:
         print_c2(c2)
         write(args.json.with_name("c2.json"), {"claim": "c2", "rows": c2})
+        plot_c2(c2, args.plot.with_name("fidelity-c2.png"))
     c3 = c3_rows(args.tracking_uri)
     if c3["points"]:
         print_c3(c3)
         write(args.json.with_name("c3.json"), {"claim": "c3", **c3})
+        plot_c3(c3, args.plot.with_name("fidelity-c3.png"))
     return 0
 
 

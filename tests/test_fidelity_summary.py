@@ -1,0 +1,55 @@
+"""The fidelity study's summary (benchmarks/fidelity/run.py): each claim's table takes the runs
+of its own sweeps, so one claim's runs never stand in for another's at a shared schedule."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from test_report import record_trial, store  # noqa: F401  (the fixture)
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("fidelity_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_c1_takes_its_own_sweeps_and_c2_judges_its_own_baseline(store, study):
+    c1, c2 = "fidelity-c1-balanced", "fidelity-c2-ipc"
+    for seed, (podd, base) in enumerate([(0.30, 0.32), (0.31, 0.33)]):
+        store(method="podd", ipc=1.0, seed=seed, accuracy=podd, sweep=c1)
+        store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=base, sweep=c1)
+        store(method="podd", ipc=1.0, seed=seed, accuracy=podd, sweep=c1, patch_grid="10x4")
+    # C2 at the same schedule: its 1-IPC PoDD run must not join the C1 curve's point
+    store(method="podd", ipc=1.0, seed=2, accuracy=0.10, sweep=c2)
+    store(method="podd", ipc=0.5, seed=0, accuracy=0.08, sweep=c2)
+    for seed in (0, 1):
+        store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=0.20, sweep=c2)
+
+    (row,) = study.c1_rows(store.uri)
+    assert (row["podd_runs"], row["baseline_runs"]) == (2, 2)
+    assert row["podd"] == pytest.approx(0.305) and row["baseline"] == pytest.approx(0.325)
+
+    rows = {r["ipc"]: r for r in study.c2_rows(store.uri)}
+    assert set(rows) == {0.5, 1.0}  # 1 IPC is a point of C2's curve too
+    assert rows[1.0]["podd"] == pytest.approx(0.10) and rows[1.0]["runs"] == 1
+    assert rows[0.5]["baseline"] == pytest.approx(0.20) and rows[0.5]["baseline_runs"] == 2
+    assert study.c2_rows(store.uri, sweep="fidelity-not-run") == []
+
+
+def test_c3_correlates_the_orders_score_with_accuracy(store, study, tmp_path):
+    sweep = "fidelity-c3-order"
+    summed = [8.0, 7.5, 7.0, 6.5]  # lower summed distance = higher score
+    for seed, (distance, acc) in enumerate(zip(summed, [0.20, 0.21, 0.23, 0.24])):
+        store(method="podd", ipc=0.3, seed=seed, accuracy=acc, sweep=sweep,
+              extra_params={"order": "random", "order_score": distance})
+    result = study.c3_rows(store.uri)
+    assert [p["summed_distance"] for p in result["points"]] == summed
+    assert result["points"][0]["order_score"] == pytest.approx(1 / 8.0)
+    assert result["correlation"]["n"] == 4 and result["correlation"]["r"] > 0.95
+    study.plot_c3(result, tmp_path / "c3.png")
+    assert (tmp_path / "c3.png").read_bytes()[:4] == b"\x89PNG"
