@@ -282,7 +282,12 @@ def make_config(preset: str | None = None, *, data_family: str | None = None,
         dataset = settings.get("dataset", "cifar10")
         family = (settings.get("family") or data_family
                   or (dataset if dataset in PAPER else None))
-        base = dict(PAPER[paper_preset_name(family, dataset)])
+        benchmark = BENCHMARK_ENTRIES[paper_preset_name(family, dataset)]
+        base = dict(benchmark.paper_settings)
+        try:  # the paper's label mode depends on the IPC (a bad IPC is validate's to report)
+            base["labels"] = benchmark.paper_labels(float(settings.get("ipc", TrialConfig.ipc)))
+        except (TypeError, ValueError):
+            pass
     elif preset == "cpu-small":
         base = dict(CPU_SMALL)
     elif preset not in (None, "none"):

@@ -163,6 +163,11 @@ def test_paper_preset_is_chosen_by_data_set_family_not_shape():
     config = make_config("paper", dataset="parquet:/x", data_family="cifar10", ipc=0.9)
     assert (config.patch_grid, config.distill_batch, config.real_batch, config.window,
             config.total_inner_steps, config.labels) == ("16x6", 96, 5000, 60, 200, "fixed")
+    # the paper's labels: learned below 0.7 IPC on CIFAR-10 (section 5), unless one is given
+    assert [make_config("paper", dataset="cifar10", ipc=ipc).labels
+            for ipc in (0.3, 0.6, 0.7, 1.0)] == ["learned", "learned", "fixed", "fixed"]
+    assert make_config("paper", dataset="cifar10", ipc=0.5, labels="fixed").labels == "fixed"
+    assert make_config("paper", dataset="cifar10", method="rat-bptt").labels == "fixed"
     c100 = make_config("paper", dataset="cifar100", ipc=0.4)
     assert (c100.patch_grid, c100.labels, c100.window, c100.total_inner_steps) == \
         ("20x20", "learned", 100, 300)
