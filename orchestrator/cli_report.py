@@ -20,7 +20,9 @@ def report_command(
              "as the sweep wrote it.", show_default="every data set in the store")] = None,
     tracking_uri: TrackingUriOption = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "podd-sweep",
-    sweep: Annotated[Optional[str], typer.Option(help="Only the runs of this sweep.")] = None,
+    sweep: Annotated[list[str], typer.Option(
+        help="Only the runs of this sweep (repeatable: the runs of several sweeps, judged "
+             "together).")] = [],
     where: Annotated[list[str], typer.Option(
         help="Only runs whose setting KEY is VALUE (KEY=VALUE, repeatable; e.g. steps=300, "
              "width=64, sweep=smoke).")] = [],

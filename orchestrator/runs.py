@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -194,13 +195,23 @@ class Gathered:
         return self.left_out_ids(NAN_ACCURACY)
 
 
-def gather_runs(tracking_uri: str | None, experiment: str, sweep: str | None = None) -> Gathered:
-    """The finished trial runs of the store as a table (RUN_SCHEMA); the others (RUNNING, NaN
-    accuracy, missing facts) are listed in `left_out`. FAILED and KILLED runs are neither."""
-    runs = run_records(tracking_uri, experiment, sweep=sweep)
-    if sweep is not None and not runs:
-        raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
-                          f"check the name with `podd-sweep status`")
+def gather_runs(tracking_uri: str | None, experiment: str,
+                sweeps: Sequence[str] = ()) -> Gathered:
+    """The finished trial runs of the store (or of the named sweeps, together) as a table
+    (RUN_SCHEMA); the others (RUNNING, NaN accuracy, missing facts) are listed in `left_out`.
+    FAILED and KILLED runs are neither. A named sweep with no runs is an error: a misspelt
+    name must not shrink the comparison silently."""
+    if isinstance(sweeps, str):  # one name is not a sequence of one-letter names
+        raise TypeError("sweeps is a sequence of sweep names")
+    if not sweeps:
+        return gathered_from(run_records(tracking_uri, experiment))
+    runs = []
+    for sweep in dict.fromkeys(sweeps):  # each once, in order
+        mine = run_records(tracking_uri, experiment, sweep=sweep)
+        if not mine:
+            raise ReportError(f"no trial runs of sweep {sweep!r} in experiment {experiment!r}: "
+                              f"check the name with `podd-sweep status`")
+        runs += mine
     return gathered_from(runs)
 
 

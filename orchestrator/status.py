@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.store import (ERROR_TAG, KEY_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
@@ -94,13 +95,13 @@ def sweep_status(tracking_uri: str | None, experiment: str,
 
 
 def recorded_searches(tracking_uri: str | None, experiment: str,
-                      sweep: str | None = None) -> list[dict]:
+                      sweeps: Sequence[str] = ()) -> list[dict]:
     """Every search recorded on the sweeps' parent runs (compacted, orchestrator/search.py),
-    each with its sweep's name and criterion."""
+    each with its sweep's name and criterion; only those of `sweeps` when named."""
     out = []
     for parent in run_records(tracking_uri, experiment, role="sweep"):
         name = parent.tags.get(SWEEP_TAG)
-        if SEARCH_TAG not in parent.tags or sweep not in (None, name):
+        if SEARCH_TAG not in parent.tags or (sweeps and name not in sweeps):
             continue
         recorded = json.loads(parent.tags[SEARCH_TAG])
         out += [{**search, "sweep": name, "criterion": recorded["criterion"]}

@@ -2,6 +2,7 @@
 of its own sweeps, so one claim's runs never stand in for another's at a shared schedule."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,53 @@ def test_c1_takes_its_own_sweeps_and_c2_judges_its_own_baseline(store, study):
 
     rows = {r["ipc"]: r for r in study.c2_rows(store.uri)}
     assert set(rows) == {0.5, 1.0}  # 1 IPC is a point of C2's curve too
-    assert rows[1.0]["podd"] == pytest.approx(0.10) and rows[1.0]["runs"] == 1
+    assert rows[1.0]["podd"] == pytest.approx(0.10) and rows[1.0]["podd_runs"] == 1
     assert rows[0.5]["baseline"] == pytest.approx(0.20) and rows[0.5]["baseline_runs"] == 2
-    assert study.c2_rows(store.uri, sweep="fidelity-not-run") == []
+    assert study.c2_rows(store.uri, sweeps=("fidelity-not-run",)) == []
+
+
+def test_c2_reads_its_two_passes_together_one_row_per_label_mode(store, study, tmp_path):
+    first, second = study.C2_SWEEPS
+    store(method="rat-bptt", ipc=1.0, seed=0, accuracy=0.30, sweep=first)
+    store(method="rat-bptt", ipc=1.0, seed=1, accuracy=0.32, sweep=first)
+    store(method="rat-bptt", ipc=1.0, seed=2, accuracy=0.34, sweep=second)
+    store(method="podd", ipc=0.3, seed=0, accuracy=0.16, sweep=first, labels="fixed")
+    for seed, acc in enumerate([0.20, 0.22]):
+        store(method="podd", ipc=0.3, seed=seed, accuracy=acc, sweep=second, labels="learned")
+    store(method="podd", ipc=0.3, seed=9, accuracy=0.99, sweep="fidelity-c3-order")
+
+    rows = study.c2_rows(store.uri)
+    assert [(r["ipc"], r["labels"], r["podd_runs"]) for r in rows] == [
+        (0.3, "fixed", 1), (0.3, "learned", 2)]  # each label mode its own row, not the best
+    fixed, learned = rows
+    assert fixed["baseline_runs"] == 3 and fixed["baseline"] == pytest.approx(0.32)
+    assert fixed["sweeps"] == [first] and learned["sweeps"] == [second]
+    assert learned["podd"] == pytest.approx(0.21)
+    assert learned["gap_low"] < learned["gap"] < learned["gap_high"]
+    study.plot_c2(rows, tmp_path / "c2.png")
+    assert (tmp_path / "c2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_patch_grids_keep_earlier_rows_this_store_lacks(store, study, tmp_path):
+    sweep = "fidelity-c1-patches-small"
+    for seed in (0, 1):
+        store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=0.30, sweep=sweep)
+    store(method="podd", ipc=1.0, seed=0, accuracy=0.28, sweep=sweep, patch_grid="20x8")
+    store(method="podd", ipc=1.0, seed=0, accuracy=0.29, sweep=sweep, patch_grid="8x3")
+    (row,) = [r for r in study.grid_rows(store.uri) if r["patch_grid"] == "20x8"]
+    assert row["patches"] == 160 and row["gap"] == pytest.approx(-0.02)
+
+    earlier = tmp_path / "c1-grids.json"  # an earlier store's grids, at the same schedule
+    old = [{**row, "patch_grid": "10x4", "podd": 0.31, "podd_runs": 3},
+           {**row, "patch_grid": "20x8", "podd": 0.50}]
+    earlier.write_text(json.dumps({"claim": "c1", "rows": old}))
+    grids = study.merged(study.grid_rows(store.uri), earlier, study.grid_key)
+    assert sorted((r["patch_grid"], r["podd"]) for r in grids) == [
+        ("10x4", 0.31), ("20x8", pytest.approx(0.28)), ("8x3", pytest.approx(0.29))]
+    assert [r.get("from_earlier_summary", False) for r in grids if r["patch_grid"] == "10x4"] \
+        == [True]
+    study.plot_grids(grids, tmp_path / "grids.png")
+    assert (tmp_path / "grids.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_c3_correlates_the_orders_score_with_accuracy(store, study, tmp_path):

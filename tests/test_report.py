@@ -433,6 +433,28 @@ def test_bad_input_is_one_line_exit_2(store, args, message):
     assert "Traceback" not in result.output
 
 
+def test_several_sweeps_are_judged_together_and_a_misspelt_one_is_an_error(store):
+    # the baseline in one sweep, PoDD in another (a study's second pass), a third left out
+    for seed, acc in enumerate([0.40, 0.42]):
+        store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=acc, sweep="first")
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc + 0.05, sweep="second")
+        store(method="podd", ipc=0.3, seed=seed, accuracy=0.90, sweep="other")
+    args = ["report", "--tracking-uri", store.uri, "--format", "json", "--sweep", "first",
+            "--sweep", "second"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["datasets"][0]
+    (schedule,) = data["schedules"]
+    assert schedule["verdict"]["lowest_ipc"] == 0.5 and len(data["runs"]) == 4
+    assert {r["sweep"] for r in data["runs"]} == {"first", "second"}
+    alone = runner.invoke(app, args[:-2])  # the baseline's sweep alone: nothing to judge
+    assert alone.exit_code == 1, alone.output
+    misspelt = runner.invoke(app, args + ["--sweep", "secnod"])
+    assert misspelt.exit_code == 2
+    assert misspelt.stderr.strip() == ("error: no trial runs of sweep 'secnod' in experiment "
+                                       "'podd-sweep': check the name with `podd-sweep status`")
+
+
 def test_store_that_does_not_exist(tmp_path):
     result = runner.invoke(app, ["report", "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"])
     assert result.exit_code == 2 and "no MLflow store at" in result.stderr

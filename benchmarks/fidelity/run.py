@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
-    "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml", "c1-patches.yaml",
-           "c1-extras.yaml"],
-    "c2": ["c2-ipc.yaml"],
+    "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml",
+           "c1-patches-small.yaml", "c1-patches.yaml", "c1-extras.yaml"],
+    "c2": ["c2-ipc.yaml", "c2-seeds.yaml"],
     "c3": ["c3-order.yaml"],
 }
 STORE = "sqlite:///runs/fidelity/mlflow.db"
@@ -110,17 +110,33 @@ def pct(value: float | None) -> str:
     return "?" if value is None else f"{100 * value:.2f}"
 
 
-def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[dict]:
-    """The patch grids of one sweep at 1 IPC against its baseline (same schedule, same
-    store): each grid's accuracy over seeds and its gap with the 95 % interval."""
+def mean_std(mean: float, std: float | None) -> str:
+    """'27.21 +- 0.54' over seeds; one run has no spread to show."""
+    return pct(mean) if std is None else f"{pct(mean)} +- {pct(std)}"
+
+
+C1_GRID_SWEEPS = ("fidelity-c1-balanced", "fidelity-c1-patches-small")  # patch grids at 1 IPC
+C2_SWEEPS = ("fidelity-c2-ipc", "fidelity-c2-seeds")  # C2's first pass and its second
+
+
+def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
+    """Every PoDD configuration of the sweeps (their runs read together, one store) against
+    the RaT-BPTT 1-IPC baseline of its schedule: its accuracy over seeds and its gap with the
+    report's own 95 % interval. A configuration is all settings but the seed, so the patch
+    grid, IPC and labels each keep their own row (the report's verdict keeps only the best
+    configuration per IPC)."""
     from orchestrator.report import build_report
-    from orchestrator.runs import ReportError, gather_runs
+    from orchestrator.runs import gather_runs
+    from orchestrator.store import run_records
     from orchestrator.verdict import interval_to
 
-    try:
-        gathered = gather_runs(tracking_uri, "podd-sweep", sweep=sweep)
-    except ReportError:  # the sweep has not run in this store
+    # the sweeps that have run in this store (a store is not committed: a new one has none)
+    present = [s for s in sweeps if run_records(tracking_uri, "podd-sweep", sweep=s)]
+    if not present:
         return []
+    gathered = gather_runs(tracking_uri, "podd-sweep", sweeps=present)
+    sweep_of = dict(zip(gathered.runs.column("run_id").to_pylist(),
+                        gathered.runs.column("sweep").to_pylist()))
     rows = []
     for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
         for schedule in build_report(gathered, family).schedules:
@@ -128,11 +144,13 @@ def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[di
             if b is None:
                 continue
             for g in schedule.groups.to_pylist():
-                if g["method"] != "podd" or g["ipc"] != 1.0:
+                if g["method"] != "podd":
                     continue
                 interval = interval_to(g, b)  # the report's own, as its verdict uses
-                rows.append({"family": family, "sweep": sweep, "patch_grid": g["patch_grid"],
-                             "schedule": schedule.schedule,
+                rows.append({"family": family, "schedule": schedule.schedule,
+                             "sweeps": sorted({sweep_of[i] for i in g["run_ids"]}),
+                             "ipc": g["ipc"], "patch_grid": g["patch_grid"],
+                             "labels": g["labels"], "order": g["order"],
                              "podd": g["accuracy"], "podd_std": g["accuracy_std"],
                              "podd_runs": g["runs"], "podd_run_ids": g["run_ids"],
                              "baseline": b.accuracy, "baseline_std": b.std,
@@ -143,15 +161,33 @@ def grid_rows(tracking_uri: str, sweep: str = "fidelity-c1-balanced") -> list[di
     return rows
 
 
+def grid_rows(tracking_uri: str, sweeps: tuple[str, ...] = C1_GRID_SWEEPS) -> list[dict]:
+    """The patch grids at 1 IPC against the baseline (Fig. 6's axis): one row per grid, with
+    its number of patches."""
+    rows = [{**r, "patches": patches(r["patch_grid"])}
+            for r in podd_rows(tracking_uri, sweeps) if r["ipc"] == 1.0]
+    return sorted(rows, key=lambda r: r["patches"])
+
+
+def patches(grid: str) -> int:
+    across, down = (int(n) for n in grid.split("x"))
+    return across * down
+
+
 def print_grids(rows: list[dict]) -> None:
-    print("| patch grid | PoDD % (runs) | RaT-BPTT % (runs) | gap (points) | 95 % interval |")
-    print("|---|---|---|---|---|")
+    print("| patch grid | patches | PoDD % (runs) | RaT-BPTT % (runs) | gap (points) | "
+          "95 % interval |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        interval = ("unknown" if r["gap_low"] is None else
-                    f"[{100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f}]")
-        print(f"| {r['patch_grid']} | {pct(r['podd'])} +- {pct(r['podd_std'])} ({r['podd_runs']}) | "
-              f"{pct(r['baseline'])} +- {pct(r['baseline_std'])} ({r['baseline_runs']}) | "
-              f"{100 * r['gap']:+.2f} | {interval} |")
+        print(f"| {r['patch_grid']} | {patches(r['patch_grid'])} | "
+              f"{mean_std(r['podd'], r['podd_std'])} ({r['podd_runs']}) | "
+              f"{mean_std(r['baseline'], r['baseline_std'])} ({r['baseline_runs']}) | "
+              f"{100 * r['gap']:+.2f} | {interval_text(r)} |")
+
+
+def interval_text(row: dict) -> str:
+    return ("unknown" if row["gap_low"] is None else
+            f"[{100 * row['gap_low']:+.2f}, {100 * row['gap_high']:+.2f}]")
 
 
 def print_c1(rows: list[dict]) -> None:
@@ -171,11 +207,7 @@ def print_c1(rows: list[dict]) -> None:
 def plot_c1(rows: list[dict], path: Path) -> None:
     """The gap (PoDD minus no overlap, points) against the inner horizon T, one line per
     width, with the 95 % interval where there are seeds to tell it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig, ax = figure()
     for width in sorted({int(r["width"]) for r in rows}):
         mine = sorted((r for r in rows if int(r["width"]) == width),
                       key=lambda r: int(r["total_inner_steps"]))
@@ -188,39 +220,14 @@ def plot_c1(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("inner horizon T (window T/4)")
     ax.set_ylabel("PoDD 16x6 minus no overlap (points)")
     ax.set_title("C1 at 1 IPC on CIFAR-10 (cpu-small otherwise)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", title="bars: 95 % interval over seeds",
-              title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, ax, path, loc="lower right", title="bars: 95 % interval over seeds",
+         title_fontsize=7)
 
 
-def c2_rows(tracking_uri: str, sweep: str = "fidelity-c2-ipc") -> list[dict]:
-    """C2: PoDD at each IPC of the C2 sweep against that sweep's RaT-BPTT 1-IPC baseline (the
-    report's verdict over the sweep's own runs: one schedule, one store)."""
-    from orchestrator.report import build_report
-    from orchestrator.runs import ReportError, gather_runs
-
-    try:
-        gathered = gather_runs(tracking_uri, "podd-sweep", sweep=sweep)
-    except ReportError:  # the sweep has not run in this store
-        return []
-    rows = []
-    for family in sorted(set(gathered.runs.column("dataset").to_pylist())):
-        for schedule in build_report(gathered, family).schedules:
-            b = schedule.baseline
-            if b is None:
-                continue
-            for r in schedule.verdict.per_ipc:
-                rows.append({"schedule": schedule.label, "ipc": r.ipc, "podd": r.accuracy,
-                             "podd_std": r.accuracy_std, "runs": r.runs,
-                             "baseline": b.accuracy, "baseline_std": b.std,
-                             "baseline_runs": b.runs,
-                             "gap": r.difference, "gap_low": r.difference_low,
-                             "gap_high": r.difference_high, "run_ids": r.run_ids,
-                             "baseline_run_ids": b.run_ids})
-    return rows
+def c2_rows(tracking_uri: str, sweeps: tuple[str, ...] = C2_SWEEPS) -> list[dict]:
+    """C2: PoDD at each IPC and label mode of the C2 sweeps against their RaT-BPTT 1-IPC
+    baseline (one schedule, one store)."""
+    return sorted(podd_rows(tracking_uri, sweeps), key=lambda r: (r["ipc"], r["labels"]))
 
 
 def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
@@ -245,26 +252,62 @@ def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
 
 
 def plot_c2(rows: list[dict], path: Path) -> None:
-    """PoDD's accuracy against IPC, with the RaT-BPTT 1-IPC baseline as a band (mean +- std
-    over its seeds): C2 reads off where the line crosses the band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(rows, key=lambda r: r["ipc"])
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    ax.errorbar([r["ipc"] for r in rows], [100 * r["podd"] for r in rows],
-                yerr=[100 * (r["podd_std"] or 0) for r in rows], marker="o", capsize=3,
-                label="PoDD 16x6 (bars: std over seeds, where more than one)")
+    """PoDD's accuracy against IPC, one line per label mode, with the RaT-BPTT 1-IPC baseline
+    as a band (mean +- std over its seeds): C2 reads off where the lines cross the band."""
+    fig, ax = figure()
+    for labels, marker in (("fixed", "o"), ("learned", "s")):
+        mine = sorted((r for r in rows if r["labels"] == labels), key=lambda r: r["ipc"])
+        if mine:
+            ax.errorbar([r["ipc"] for r in mine], [100 * r["podd"] for r in mine],
+                        yerr=[100 * (r["podd_std"] or 0) for r in mine], marker=marker,
+                        capsize=3, label=f"PoDD 16x6, {labels} labels")
     b, s = 100 * rows[0]["baseline"], 100 * (rows[0]["baseline_std"] or 0)
     ax.axhline(b, color="black", lw=0.8,
                label=f"RaT-BPTT 1 IPC ({rows[0]['baseline_runs']} seeds, band: std)")
     ax.axhspan(b - s, b + s, color="black", alpha=0.1)
     ax.set_xlabel("images per class (IPC)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("C2 on CIFAR-10 (cpu-small schedule)", fontsize=10)
+    ax.set_title("C2 on CIFAR-10 (cpu-small schedule; bars: std over seeds)", fontsize=10)
+    save(fig, ax, path, loc="lower right")
+
+
+def plot_grids(rows: list[dict], path: Path) -> None:
+    """Fig. 6's axis: the gap to the no-overlap baseline (10 patches) against the number of
+    patches at 1 IPC, with the 95 % interval where there are seeds to tell it."""
+    fig, ax = figure()
+    rows = sorted(rows, key=lambda r: patches(r["patch_grid"]))
+    xs = [patches(r["patch_grid"]) for r in rows]
+    ax.plot(xs, [100 * r["gap"] for r in rows], "o")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['patch_grid']} ({r['podd_runs']})", (x, 100 * r["gap"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+        if r["gap_low"] is not None:
+            ax.vlines(x, 100 * r["gap_low"], 100 * r["gap_high"], alpha=0.5)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.plot([10], [0], "ks", label="no overlap: 10 patches (RaT-BPTT), the reference")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks([10, *xs], [str(x) for x in (10, *xs)])
+    ax.set_xlabel("patches at 1 IPC (grid, seeds)")
+    ax.set_ylabel("PoDD minus no overlap (points)")
+    ax.set_title("Patch count (Fig. 6) on CIFAR-10, cpu-small; bars: 95 % interval",
+                 fontsize=10)
+    save(fig, ax, path, loc="lower right")
+
+
+def figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.5, 4), dpi=120)
+
+
+def save(fig, ax, path: Path, **legend) -> None:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, **legend)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -272,11 +315,7 @@ def plot_c2(rows: list[dict], path: Path) -> None:
 
 def plot_c3(result: dict, path: Path) -> None:
     """Each run's accuracy against its class order's score, PoCO's runs marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig, ax = figure()
     for order, marker in (("random", "o"), ("poco", "*")):
         mine = [p for p in result["points"] if p["order"] == order]
         ax.scatter([p["order_score"] for p in mine], [100 * p["accuracy"] for p in mine],
@@ -288,21 +327,17 @@ def plot_c3(result: dict, path: Path) -> None:
                      f"{c['n']} runs (paper: 0.76)", fontsize=10)
     ax.set_xlabel("order score (1 / summed neighbour distance)")
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, ax, path)
 
 
 def print_c2(rows: list[dict]) -> None:
-    print("| IPC | PoDD % (runs) | RaT-BPTT 1 IPC % (runs) | gap (points) | 95 % interval |")
-    print("|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: r["ipc"]):
-        interval = ("unknown" if r["gap_low"] is None else
-                    f"[{100 * r['gap_low']:+.2f}, {100 * r['gap_high']:+.2f}]")
-        print(f"| {r['ipc']:g} | {pct(r['podd'])} ({r['runs']}) | {pct(r['baseline'])} "
-              f"({r['baseline_runs']}) | {100 * r['gap']:+.2f} | {interval} |")
+    print("| IPC | labels | PoDD % (runs) | RaT-BPTT 1 IPC % (runs) | gap (points) | "
+          "95 % interval |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ipc']:g} | {r['labels']} | {mean_std(r['podd'], r['podd_std'])} "
+              f"({r['podd_runs']}) | {mean_std(r['baseline'], r['baseline_std'])} "
+              f"({r['baseline_runs']}) | {100 * r['gap']:+.2f} | {interval_text(r)} |")
 
 
 def print_c3(result: dict) -> None:
@@ -338,10 +373,13 @@ def main() -> int:
         plot_c1(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
     export_runs(args.tracking_uri, args.json.with_name("runs.jsonl"))
-    grids = grid_rows(args.tracking_uri)
+    grids_json = args.json.with_name("c1-grids.json")
+    grids = sorted(merged(grid_rows(args.tracking_uri), grids_json, grid_key),
+                   key=lambda r: patches(r["patch_grid"]))
     if grids:
         print_grids(grids)
-        write(args.json.with_name("c1-grids.json"), {"claim": "c1", "rows": grids})
+        write(grids_json, {"claim": "c1", "rows": grids})
+        plot_grids(grids, args.plot.with_name("fidelity-c1-patches.png"))
     c2 = c2_rows(args.tracking_uri)
     if c2:
         print_c2(c2)
@@ -381,18 +419,26 @@ def export_runs(tracking_uri: str, path: Path) -> None:
     print(f"wrote {path} ({len(known)} runs)", file=sys.stderr)
 
 
-def merged(rows: list[dict], previous: Path) -> list[dict]:
-    """This store's C1 rows, and the rows of an earlier summary for schedules this store does
-    not hold (a store is not committed: a new checkout starts with an empty one). Each row
-    keeps its run ids, so an old row says which store it came from."""
+def merged(rows: list[dict], previous: Path, key=None) -> list[dict]:
+    """This store's rows, and the rows of an earlier summary (`previous`) that this store does
+    not hold (a store is not committed: a new checkout starts with an empty one); a row is
+    known by `key` (default: the C1 curve's schedule). Each row keeps its run ids, so an old
+    row says which store it came from."""
     if not previous.exists():
         return rows
-    def schedule(r):
-        return (r["family"], r["total_inner_steps"], r["window"], r["width"], r["steps"])
-    mine = {schedule(r) for r in rows}
+    key = key or c1_schedule
+    mine = {key(r) for r in rows}
     kept = [{**r, "from_earlier_summary": True} for r in json.loads(previous.read_text())["rows"]
-            if schedule(r) not in mine]
+            if key(r) not in mine]
     return rows + kept
+
+
+def c1_schedule(row: dict) -> tuple:
+    return (row["family"], row["total_inner_steps"], row["window"], row["width"], row["steps"])
+
+
+def grid_key(row: dict) -> tuple:
+    return (row["family"], json.dumps(row["schedule"], sort_keys=True), row["patch_grid"])
 
 
 def write(path: Path, data: dict) -> None:
