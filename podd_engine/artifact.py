@@ -156,7 +156,8 @@ def load_artifact(folder: str | os.PathLike) -> PosterArtifact:
         if label_mode == "learned":
             label_grid = metadata["label_grid"]
             labels = create_labels("learned", geometry, order,
-                                   tuple(label_grid) if label_grid else None)
+                                   tuple(label_grid) if label_grid else None,
+                                   config.label_pooling)
             labels.array = tensors["label_array"]
         elif label_mode == "fixed":
             labels = PosterLabels("fixed", None, tensors["label_array"])

@@ -25,6 +25,7 @@ from podd_engine.methods import get_method, method_names
 METHODS = method_names()
 DEVICES = ("auto", "cpu", "cuda")
 LABEL_MODES = ("fixed", "learned")
+LABEL_POOLINGS = ("poster", "array")  # where a learned label's patch window is averaged
 ORDERINGS = ("poco", "random", "identity", "given")
 EMBEDDERS = ("clip", "minilm")
 CLIP_MODES = ("tokens", "pooled")
@@ -59,6 +60,10 @@ class TrialConfig:
     class_grid: str | None = None  # "COLSxROWS"; default: the grid closest to 2:1
     patch_grid: str = "16x6"  # "COLSxROWS" of overlapping patches (podd only)
     labels: str = "fixed"  # fixed | learned
+    # learned labels only: average each patch's window of the label array upsampled to the
+    # poster (poster: the paper's text) or at the array's own resolution (array: the official
+    # code, where a 32-pixel patch reads one label cell and so starts with its fixed label)
+    label_pooling: str = "poster"
     order: str = "poco"  # poco | random | identity | given
     order_grid: list[list[int]] | None = None  # for order "given"
     embedder: str = "clip"  # text encoder of PoCO: clip (the paper's) | minilm (ships offline)
@@ -149,7 +154,8 @@ class TrialConfig:
     def validate(self) -> None:
         """Errors that do not need the data set; each names the field and the fix."""
         self._check_types()
-        choices = {"method": method_names(), "labels": LABEL_MODES, "device": DEVICES,
+        choices = {"method": method_names(), "labels": LABEL_MODES,
+                   "label_pooling": LABEL_POOLINGS, "device": DEVICES,
                    "order": ORDERINGS, "init": POSTER_INITS,
                    "preprocessing": PREPROCESSING_KINDS, "clip_mode": CLIP_MODES,
                    "embedder": EMBEDDERS, "unroll": UNROLL_MODES, "precision": PRECISIONS,
@@ -213,7 +219,7 @@ PLACEMENT = ("device", "data_root", "cache_dir", "real_chunk", "cuda_graphs", "f
 # Settings added after trial keys were first recorded, with the default that reproduces what
 # trials did before them: omitted from the key at that default, and taken as that default by
 # the report for runs recorded before the setting existed.
-LATE_SETTINGS = {"curriculum": "step"}
+LATE_SETTINGS = {"curriculum": "step", "label_pooling": "poster"}
 
 
 _TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "a string",

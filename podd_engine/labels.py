@@ -13,6 +13,14 @@ averaged over each patch window, then L1-normalised. Negative entries are clippe
 every outer step. Because the upsampled array is piecewise constant, the window average is a
 fixed linear map of the array: `coverage[p, cell]` = the share of patch p lying in the cell's
 region. Computing it once makes label extraction a single small matmul per step.
+
+Where the window is averaged (`label_pooling`): `poster`, as the paper's text, pools the patch's
+window on the array upsampled to the poster, so a patch straddling two class cells starts with
+a mixed label. `array`, as the official code (`PoDDL.get_labels_from_array`), pools at the
+array's own resolution: the window shrinks by the array-to-poster ratio (rounded down, at least
+one cell) and its starts are spread over the array as the patches' are over the poster, so a
+32-pixel patch on CIFAR-10's 2 x 5 array reads one cell and starts one-hot, with the label
+its fixed label would have. Both are the same kind of linear map, so only `coverage` differs.
 """
 
 from __future__ import annotations
@@ -21,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from podd_engine.config import LABEL_MODES
+from podd_engine.config import LABEL_MODES, LABEL_POOLINGS
 from podd_engine.errors import SettingError
-from podd_engine.poster import PosterGeometry
+from podd_engine.poster import PosterGeometry, evenly_spaced
 
 
 
@@ -46,6 +54,21 @@ def cell_coverage(geometry: PosterGeometry, cell_grid: tuple[int, int]) -> torch
     col_counts = torch.stack([torch.bincount(col_of[l:l + w], minlength=cols) for l in left.tolist()])
     coverage = row_counts[:, :, None] * col_counts[:, None, :]  # [P, rows, cols]
     return coverage.reshape(len(top), -1).to(torch.float32) / (h * w)
+
+
+def array_coverage(geometry: PosterGeometry, cell_grid: tuple[int, int]) -> torch.Tensor:
+    """[P, rows*cols]: each patch's window on the label array itself (the official code's
+    pooling): floor(patch size * cells / poster size) cells a side, at least one, started at
+    evenly spaced cells in the patches' own order (column-major), each cell weighted equally."""
+    cols, rows = cell_grid
+    (ph, pw), (h, w) = geometry.poster_size, geometry.image_size
+    size_down, size_across = max(1, h * rows // ph), max(1, w * cols // pw)
+    tops = evenly_spaced(rows, size_down, geometry.patch_grid[1])
+    lefts = evenly_spaced(cols, size_across, geometry.patch_grid[0])
+    coverage = torch.zeros(geometry.num_patches, rows, cols)
+    for p, (left, top) in enumerate((x, y) for x in lefts for y in tops):
+        coverage[p, top:top + size_down, left:left + size_across] = 1.0
+    return coverage.reshape(geometry.num_patches, -1) / (size_down * size_across)
 
 
 def class_layout_onehot(order: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -118,14 +141,20 @@ class PosterLabels:
 
 
 def create_labels(mode: str, geometry: PosterGeometry, order: torch.Tensor,
-                  label_grid: tuple[int, int] | None = None) -> PosterLabels:
-    """PoDDL labels for `geometry` with the class layout `order` ([rows, cols])."""
+                  label_grid: tuple[int, int] | None = None,
+                  pooling: str = "poster") -> PosterLabels:
+    """PoDDL labels for `geometry` with the class layout `order` ([rows, cols]); `pooling`
+    (learned labels only) is where each patch's label window is averaged."""
     if mode == "fixed":
         return PosterLabels("fixed", None, fixed_labels(geometry, order))
     if mode != "learned":
         raise SettingError(f"labels must be one of {', '.join(LABEL_MODES)}, got {mode!r}",
                            "labels")
+    coverage_of = {"poster": cell_coverage, "array": array_coverage}.get(pooling)
+    if coverage_of is None:
+        raise SettingError(f"label_pooling must be one of {', '.join(LABEL_POOLINGS)}, got "
+                           f"{pooling!r}", "label_pooling")
     rows, cols = order.shape
     label_grid = label_grid or (cols, rows)
     array = _label_grid_init(order, geometry.num_classes, label_grid)
-    return PosterLabels("learned", cell_coverage(geometry, label_grid), array, tuple(label_grid))
+    return PosterLabels("learned", coverage_of(geometry, label_grid), array, tuple(label_grid))

@@ -30,8 +30,8 @@ POSTER, BASELINE, CONTROL = "poster", "baseline", "control"
 # configuration over its seeds and, at each IPC, judges the best configuration. Everything
 # else that changes results (steps, horizon, network, evaluation, data) is the *schedule*:
 # runs of different schedules are never averaged or compared with each other.
-CONFIGURATION_AXES = ("patch_grid", "order", "order_grid", "labels", "embedder", "clip_model",
-                      "clip_pretrained", "clip_weights", "clip_mode")
+CONFIGURATION_AXES = ("patch_grid", "order", "order_grid", "labels", "label_pooling",
+                      "embedder", "clip_model", "clip_pretrained", "clip_weights", "clip_mode")
 # How PoCO's text encoder is chosen: meaningless without a class layout to order.
 _ORDERING_SETTINGS = ("order", "order_grid", "embedder", "clip_model", "clip_pretrained",
                       "clip_weights", "clip_mode")
@@ -103,7 +103,8 @@ register_method(Method(
     POSTER))
 register_method(Method(
     "rat-bptt", "the paper's baseline: IPC whole images per class, exactly tiled, no overlap",
-    BASELINE, whole_ipc=True, ignores=("patch_grid",) + _ORDERING_SETTINGS, layout="tiled"))
+    BASELINE, whole_ipc=True, ignores=("patch_grid", "label_pooling") + _ORDERING_SETTINGS,
+    layout="tiled"))  # whole tiles read whole label cells, however the window is pooled
 register_method(Method(
     "random-real", "real training images laid out as the poster would be (class grid, same "
     "pixels, same patches and labels), not distilled", CONTROL, distils=False,

@@ -181,7 +181,8 @@ def build_trial(config: TrialConfig, dataset: ImageDataset | None = None,
 
     # tiled images get one label cell per image; a poster's learned labels, one per class cell
     label_grid = geometry.patch_grid if method.layout == "tiled" else None
-    labels = create_labels(config.labels, geometry, ordering.grid, label_grid).to(device)
+    labels = create_labels(config.labels, geometry, ordering.grid, label_grid,
+                           config.label_pooling).to(device)
     if method.distils:
         poster = init_poster(geometry, config.init, generator).to(device)
     else:
