@@ -110,7 +110,7 @@ def _trial_table(sweep, costs) -> Table:
         table.add_row(str(i), c.method, short_dataset_name(c.dataset), f"{c.ipc:g}",
                       f"{t.achieved_ipc:.3f}", f"{t.poster_size[0]}x{t.poster_size[1]}",
                       c.patch_grid if method.uses_patch_grid else "-",
-                      c.order if method.uses_order else "-", c.labels, str(c.seed),
+                      c.order if method.uses_order else "-", c.labels_name, str(c.seed),
                       str(cost.outer_steps), cost.inner_steps, cost.eval_work,
                       duration(cost.seconds), t.key)
     return table

@@ -56,7 +56,7 @@ class PlannedTrial:
         parts = [c.method, short_dataset_name(c.dataset), f"ipc{c.ipc:g}"]
         parts += [c.patch_grid] if method.uses_patch_grid else []
         parts += [c.order] if method.uses_order else []
-        return "-".join(parts + [c.labels, f"s{c.seed}", c.key()[:6]])
+        return "-".join(parts + [c.labels_name, f"s{c.seed}", c.key()[:6]])
 
 
 @dataclass

@@ -143,6 +143,14 @@ class TrialConfig:
         by them."""
         return {k: v for k, v in self.canonical().to_dict().items() if k not in PLACEMENT}
 
+    @property
+    def labels_name(self) -> str:
+        """'fixed', 'learned', or 'learned-array' where learned labels are pooled the official
+        code's way (trial names and the dry-run table say so; the default stays unsaid)."""
+        if self.labels == "learned" and self.label_pooling != LATE_SETTINGS["label_pooling"]:
+            return f"{self.labels}-{self.label_pooling}"
+        return self.labels
+
     def key(self) -> str:
         """A stable hash of the settings that change the result. A setting added after keys
         were first recorded (`LATE_SETTINGS`) is hashed only when it is not at its default, so

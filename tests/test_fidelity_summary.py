@@ -43,19 +43,23 @@ def test_c1_takes_its_own_sweeps_and_c2_judges_its_own_baseline(store, study):
 
 
 def test_c2_reads_its_two_passes_together_one_row_per_label_mode(store, study, tmp_path):
-    first, second = study.C2_SWEEPS
+    first, second, pooling = study.C2_SWEEPS
     store(method="rat-bptt", ipc=1.0, seed=0, accuracy=0.30, sweep=first)
     store(method="rat-bptt", ipc=1.0, seed=1, accuracy=0.32, sweep=first)
     store(method="rat-bptt", ipc=1.0, seed=2, accuracy=0.34, sweep=second)
     store(method="podd", ipc=0.3, seed=0, accuracy=0.16, sweep=first, labels="fixed")
     for seed, acc in enumerate([0.20, 0.22]):
         store(method="podd", ipc=0.3, seed=seed, accuracy=acc, sweep=second, labels="learned")
+    store(method="podd", ipc=0.3, seed=0, accuracy=0.25, sweep=pooling, labels="learned",
+          extra_params={"label_pooling": "array"})
     store(method="podd", ipc=0.3, seed=9, accuracy=0.99, sweep="fidelity-c3-order")
 
     rows = study.c2_rows(store.uri)
-    assert [(r["ipc"], r["labels"], r["podd_runs"]) for r in rows] == [
-        (0.3, "fixed", 1), (0.3, "learned", 2)]  # each label mode its own row, not the best
-    fixed, learned = rows
+    assert [(r["ipc"], r["label_mode"], r["podd_runs"]) for r in rows] == [
+        (0.3, "fixed", 1), (0.3, "learned, array pooling", 1),
+        (0.3, "learned, poster pooling", 2)]  # each label mode its own row, not the best
+    fixed, by_array, learned = rows
+    assert by_array["podd"] == pytest.approx(0.25) and by_array["sweeps"] == [pooling]
     assert fixed["baseline_runs"] == 3 and fixed["baseline"] == pytest.approx(0.32)
     assert fixed["sweeps"] == [first] and learned["sweeps"] == [second]
     assert learned["podd"] == pytest.approx(0.21)

@@ -153,3 +153,16 @@ def test_tiled_images_read_whole_cells_so_the_pooling_does_not_matter():
     by_array, by_poster = (create_labels("learned", g, order, (10, 2), pooling=p)
                            for p in ("array", "poster"))
     assert torch.equal(by_array.coverage, by_poster.coverage)
+
+
+def test_label_pooling_is_a_checked_setting_that_keeps_earlier_keys():
+    from podd_engine.config import TrialConfig
+    from podd_engine.errors import SettingError
+
+    default = TrialConfig(labels="learned")
+    assert TrialConfig(labels="learned", label_pooling="poster").key() == default.key()
+    by_array = TrialConfig(labels="learned", label_pooling="array")
+    assert by_array.key() != default.key()
+    assert (default.labels_name, by_array.labels_name) == ("learned", "learned-array")
+    with pytest.raises(SettingError, match="label_pooling must be one of poster, array"):
+        TrialConfig(label_pooling="pixels").validate()

@@ -23,7 +23,7 @@ SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
     "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml",
            "c1-patches-small.yaml", "c1-patches.yaml", "c1-extras.yaml"],
-    "c2": ["c2-ipc.yaml", "c2-seeds.yaml"],
+    "c2": ["c2-ipc.yaml", "c2-seeds.yaml", "c2-pooling.yaml"],
     "c3": ["c3-order.yaml"],
 }
 STORE = "sqlite:///runs/fidelity/mlflow.db"
@@ -116,7 +116,8 @@ def mean_std(mean: float, std: float | None) -> str:
 
 
 C1_GRID_SWEEPS = ("fidelity-c1-balanced", "fidelity-c1-patches-small")  # patch grids at 1 IPC
-C2_SWEEPS = ("fidelity-c2-ipc", "fidelity-c2-seeds")  # C2's first pass and its second
+C2_SWEEPS = ("fidelity-c2-ipc", "fidelity-c2-seeds",  # C2's first pass and its second
+             "fidelity-c2-pooling")  # and learned labels pooled the official code's way
 
 
 def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
@@ -129,6 +130,7 @@ def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
     from orchestrator.runs import gather_runs
     from orchestrator.store import run_records
     from orchestrator.verdict import interval_to
+    from podd_engine.config import LATE_SETTINGS
 
     # the sweeps that have run in this store (a store is not committed: a new one has none)
     present = [s for s in sweeps if run_records(tracking_uri, "podd-sweep", sweep=s)]
@@ -151,6 +153,8 @@ def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
                              "sweeps": sorted({sweep_of[i] for i in g["run_ids"]}),
                              "ipc": g["ipc"], "patch_grid": g["patch_grid"],
                              "labels": g["labels"], "order": g["order"],
+                             "label_pooling": json.loads(g["settings"]).get(
+                                 "label_pooling", LATE_SETTINGS["label_pooling"]),
                              "podd": g["accuracy"], "podd_std": g["accuracy_std"],
                              "podd_runs": g["runs"], "podd_run_ids": g["run_ids"],
                              "baseline": b.accuracy, "baseline_std": b.std,
@@ -227,7 +231,11 @@ def plot_c1(rows: list[dict], path: Path) -> None:
 def c2_rows(tracking_uri: str, sweeps: tuple[str, ...] = C2_SWEEPS) -> list[dict]:
     """C2: PoDD at each IPC and label mode of the C2 sweeps against their RaT-BPTT 1-IPC
     baseline (one schedule, one store)."""
-    return sorted(podd_rows(tracking_uri, sweeps), key=lambda r: (r["ipc"], r["labels"]))
+    rows = podd_rows(tracking_uri, sweeps)
+    for r in rows:  # the label mode as the plot and table name it
+        r["label_mode"] = (f"{r['labels']}, {r['label_pooling']} pooling"
+                           if r["labels"] == "learned" else r["labels"])
+    return sorted(rows, key=lambda r: (r["ipc"], r["label_mode"]))
 
 
 def c3_rows(tracking_uri: str, sweep: str = "fidelity-c3-order") -> dict:
@@ -255,12 +263,11 @@ def plot_c2(rows: list[dict], path: Path) -> None:
     """PoDD's accuracy against IPC, one line per label mode, with the RaT-BPTT 1-IPC baseline
     as a band (mean +- std over its seeds): C2 reads off where the lines cross the band."""
     fig, ax = figure()
-    for labels, marker in (("fixed", "o"), ("learned", "s")):
-        mine = sorted((r for r in rows if r["labels"] == labels), key=lambda r: r["ipc"])
-        if mine:
-            ax.errorbar([r["ipc"] for r in mine], [100 * r["podd"] for r in mine],
-                        yerr=[100 * (r["podd_std"] or 0) for r in mine], marker=marker,
-                        capsize=3, label=f"PoDD 16x6, {labels} labels")
+    for mode, marker in zip(sorted({r["label_mode"] for r in rows}), "osD^v"):
+        mine = sorted((r for r in rows if r["label_mode"] == mode), key=lambda r: r["ipc"])
+        ax.errorbar([r["ipc"] for r in mine], [100 * r["podd"] for r in mine],
+                    yerr=[100 * (r["podd_std"] or 0) for r in mine], marker=marker,
+                    capsize=3, label=f"PoDD 16x6, {mode} labels")
     b, s = 100 * rows[0]["baseline"], 100 * (rows[0]["baseline_std"] or 0)
     ax.axhline(b, color="black", lw=0.8,
                label=f"RaT-BPTT 1 IPC ({rows[0]['baseline_runs']} seeds, band: std)")
@@ -335,7 +342,7 @@ def print_c2(rows: list[dict]) -> None:
           "95 % interval |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ipc']:g} | {r['labels']} | {mean_std(r['podd'], r['podd_std'])} "
+        print(f"| {r['ipc']:g} | {r['label_mode']} | {mean_std(r['podd'], r['podd_std'])} "
               f"({r['podd_runs']}) | {mean_std(r['baseline'], r['baseline_std'])} "
               f"({r['baseline_runs']}) | {100 * r['gap']:+.2f} | {interval_text(r)} |")
 
