@@ -267,7 +267,7 @@ def plot_c2(rows: list[dict], path: Path) -> None:
         mine = sorted((r for r in rows if r["label_mode"] == mode), key=lambda r: r["ipc"])
         ax.errorbar([r["ipc"] for r in mine], [100 * r["podd"] for r in mine],
                     yerr=[100 * (r["podd_std"] or 0) for r in mine], marker=marker,
-                    capsize=3, label=f"PoDD 16x6, {mode} labels")
+                    capsize=3, label=f"PoDD 16x6, labels: {mode}")
     b, s = 100 * rows[0]["baseline"], 100 * (rows[0]["baseline_std"] or 0)
     ax.axhline(b, color="black", lw=0.8,
                label=f"RaT-BPTT 1 IPC ({rows[0]['baseline_runs']} seeds, band: std)")
