@@ -113,8 +113,9 @@ def test_a_trial_resumed_at_an_evaluation_step_redoes_that_evaluation(digits):
     assert later == []  # step 3 had no evaluation to redo (and 4 is the final one)
 
 
-def test_artifact_round_trip_and_exact_re_evaluation(digits, tmp_path):
-    result = distill(tiny(labels="learned", ipc=0.6), digits)
+@pytest.mark.parametrize("pooling", ["poster", "array"])
+def test_artifact_round_trip_and_exact_re_evaluation(digits, tmp_path, pooling):
+    result = distill(tiny(labels="learned", ipc=0.6, label_pooling=pooling), digits)
     save_result(result, tmp_path / "art")
     meta = json.loads((tmp_path / "art" / "poster.json").read_text())
     assert meta["label_mode"] == "learned" and meta["embedder"] is None
