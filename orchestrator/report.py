@@ -10,10 +10,10 @@
     sys.exit(exit_code(report.states()))                  # 0 every verdict passes, else 1
 
 Like with like: a *configuration* is the runs whose settings are all equal but the seed; a
-*schedule* is the runs whose settings are equal apart from the configuration (method, IPC,
-patch grid, class order, labels and their pooling, PoCO's encoder). A PoDD configuration is judged only against
-baseline runs of its own schedule (or, when asked, the paper's figure), and runs of different
-schedules are never averaged together.
+*schedule* is the runs whose settings are equal apart from the configuration (method, IPC, patch
+grid, class order, labels and their pooling, PoCO's encoder). A PoDD configuration is judged
+only against baseline runs of its own schedule (or, when asked, the paper's figure), and runs of
+different schedules are never averaged together.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@
 Every row carries the run's *settings*: each engine setting that changes a result (a field of
 `TrialConfig`, less where files live and the seed), as the run recorded it. Runs are compared
 by them, so a setting added to the engine later is compared too, with no list to keep. The
-settings split into the poster *configuration* (method, IPC, patch grid, class order, labels
-and their pooling, PoCO's encoder: `podd_engine.methods.CONFIGURATION_AXES`) and the *schedule* (everything else:
-steps, horizon, network, real batch, evaluation, data). Imports neither torch nor Ray.
+settings split into the poster *configuration* (method, IPC, patch grid, class order, labels and
+their pooling, PoCO's encoder: `podd_engine.methods.CONFIGURATION_AXES`) and the *schedule*
+(everything else: steps, horizon, network, real batch, evaluation, data). Imports neither torch
+nor Ray.
 """
 
 from __future__ import annotations
