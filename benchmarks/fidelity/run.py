@@ -127,16 +127,16 @@ def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
     grid, IPC and labels each keep their own row (the report's verdict keeps only the best
     configuration per IPC)."""
     from orchestrator.report import build_report
-    from orchestrator.runs import gather_runs
+    from orchestrator.runs import gathered_from
     from orchestrator.store import run_records
     from orchestrator.verdict import interval_to
-    from podd_engine.config import LATE_SETTINGS
 
-    # the sweeps that have run in this store (a store is not committed: a new one has none)
-    present = [s for s in sweeps if run_records(tracking_uri, "podd-sweep", sweep=s)]
-    if not present:
+    # read each sweep once; one that has not run in this store (a store is not committed: a
+    # new one has none) adds nothing
+    records = [r for s in sweeps for r in run_records(tracking_uri, "podd-sweep", sweep=s)]
+    if not records:
         return []
-    gathered = gather_runs(tracking_uri, "podd-sweep", sweeps=present)
+    gathered = gathered_from(records)
     sweep_of = dict(zip(gathered.runs.column("run_id").to_pylist(),
                         gathered.runs.column("sweep").to_pylist()))
     rows = []
@@ -153,8 +153,8 @@ def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
                              "sweeps": sorted({sweep_of[i] for i in g["run_ids"]}),
                              "ipc": g["ipc"], "patch_grid": g["patch_grid"],
                              "labels": g["labels"], "order": g["order"],
-                             "label_pooling": json.loads(g["settings"]).get(
-                                 "label_pooling", LATE_SETTINGS["label_pooling"]),
+                             # an older run's settings carry the late setting's default
+                             "label_pooling": json.loads(g["settings"])["label_pooling"],
                              "podd": g["accuracy"], "podd_std": g["accuracy_std"],
                              "podd_runs": g["runs"], "podd_run_ids": g["run_ids"],
                              "baseline": b.accuracy, "baseline_std": b.std,
@@ -168,9 +168,8 @@ def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
 def grid_rows(tracking_uri: str, sweeps: tuple[str, ...] = C1_GRID_SWEEPS) -> list[dict]:
     """The patch grids at 1 IPC against the baseline (Fig. 6's axis): one row per grid, with
     its number of patches."""
-    rows = [{**r, "patches": patches(r["patch_grid"])}
+    return [{**r, "patches": patches(r["patch_grid"])}
             for r in podd_rows(tracking_uri, sweeps) if r["ipc"] == 1.0]
-    return sorted(rows, key=lambda r: r["patches"])
 
 
 def patches(grid: str) -> int:
