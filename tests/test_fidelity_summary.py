@@ -43,7 +43,7 @@ def test_c1_takes_its_own_sweeps_and_c2_judges_its_own_baseline(store, study):
 
 
 def test_c2_reads_its_two_passes_together_one_row_per_label_mode(store, study, tmp_path):
-    first, second, pooling = study.C2_SWEEPS
+    first, second, pooling, *_ = study.C2_SWEEPS
     store(method="rat-bptt", ipc=1.0, seed=0, accuracy=0.30, sweep=first)
     store(method="rat-bptt", ipc=1.0, seed=1, accuracy=0.32, sweep=first)
     store(method="rat-bptt", ipc=1.0, seed=2, accuracy=0.34, sweep=second)

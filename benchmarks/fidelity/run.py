@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
     "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml",
-           "c1-patches-small.yaml", "c1-patches.yaml", "c1-extras.yaml"],
-    "c2": ["c2-ipc.yaml", "c2-seeds.yaml", "c2-pooling.yaml"],
+           "c1-patches-small.yaml", "c1-patches-small-seeds.yaml", "c1-width128.yaml",
+           "c1-patches.yaml", "c1-extras.yaml"],
+    "c2": ["c2-ipc.yaml", "c2-seeds.yaml", "c2-pooling.yaml", "c2-fixed-seeds.yaml"],
     "c3": ["c3-order.yaml"],
 }
 STORE = "sqlite:///runs/fidelity/mlflow.db"
@@ -115,9 +116,11 @@ def mean_std(mean: float, std: float | None) -> str:
     return pct(mean) if std is None else f"{pct(mean)} +- {pct(std)}"
 
 
-C1_GRID_SWEEPS = ("fidelity-c1-balanced", "fidelity-c1-patches-small")  # patch grids at 1 IPC
-C2_SWEEPS = ("fidelity-c2-ipc", "fidelity-c2-seeds",  # C2's first pass and its second
-             "fidelity-c2-pooling")  # and learned labels pooled the official code's way
+C1_GRID_SWEEPS = ("fidelity-c1-balanced", "fidelity-c1-patches-small",  # patch grids at 1 IPC
+                  "fidelity-c1-patches-small-seeds")
+C2_SWEEPS = ("fidelity-c2-ipc", "fidelity-c2-seeds",  # C2's first pass and its second,
+             "fidelity-c2-pooling",  # learned labels pooled the official code's way,
+             "fidelity-c2-fixed-seeds")  # and a second seed for the fixed labels below 0.7 IPC
 
 
 def podd_rows(tracking_uri: str, sweeps: tuple[str, ...]) -> list[dict]:
