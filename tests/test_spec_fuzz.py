@@ -57,6 +57,9 @@ def run_launch(tmp_path, monkeypatch, text: str):
     monkeypatch.setattr(tune, "launch", lambda *a, **k: started.append(1) or (_ for _ in ()).throw(
         AssertionError("a valid spec reached launch")))
     monkeypatch.setattr(cli_sweeps, "_embedder_problems", lambda sweep: [])  # has its own test
+    # a relative path in the spec (cache_dir: poco) resolves against the working folder, as
+    # for a user: keep it in the test's own folder, not the one pytest runs from
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "s.yaml"
     path.write_text(text)
     result = runner.invoke(app_, ["launch", str(path)])
