@@ -27,7 +27,7 @@ STUDY = {  # claim -> its sweeps, in the order they run
     "c2": ["c2-ipc.yaml", "c2-seeds.yaml", "c2-pooling.yaml", "c2-fixed-seeds.yaml"],
     "c3": ["c3-order.yaml"],
 }
-STORE = "sqlite:///runs/fidelity/mlflow.db"
+STORE = f"sqlite:///{ROOT / 'runs' / 'fidelity' / 'mlflow.db'}"  # where launch records it
 
 
 def launch(claim: str) -> int:
@@ -362,8 +362,17 @@ def print_c3(result: dict) -> None:
               f"{interval} over {c['n']} runs (the paper: 0.76)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one `error:` line (exit 2), as everywhere in podd-sweep, not argparse's
+    usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("launch", help="run (or resume) a claim's sweeps")
     run.add_argument("claim", choices=sorted(STUDY))
@@ -374,6 +383,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "launch":
         return launch(args.claim)
+    from orchestrator.store import check_local_store
+
+    try:  # before anything is read or written: a fresh clone has the results, not the store
+        check_local_store(args.tracking_uri)
+    except ValueError as e:
+        print(f"error: --tracking-uri: {e}; the committed results are in "
+              f"docs/results/fidelity/ (the study's store is not committed)", file=sys.stderr)
+        return 2
     rows = merged(c1_rows(args.tracking_uri), args.json)
     print_c1(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
