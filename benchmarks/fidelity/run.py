@@ -23,7 +23,7 @@ SWEEPS = ROOT / "sweeps" / "fidelity"
 STUDY = {  # claim -> its sweeps, in the order they run
     "c1": ["c1-horizon-width.yaml", "c1-seeds.yaml", "c1-balanced.yaml",
            "c1-patches-small.yaml", "c1-patches-small-seeds.yaml", "c1-width128.yaml",
-           "c1-patches.yaml", "c1-extras.yaml"],
+           "c1-w64-seeds.yaml", "c1-patches.yaml", "c1-extras.yaml"],
     "c2": ["c2-ipc.yaml", "c2-seeds.yaml", "c2-pooling.yaml", "c2-fixed-seeds.yaml"],
     "c3": ["c3-order.yaml"],
 }
