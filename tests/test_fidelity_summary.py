@@ -3,6 +3,8 @@ of its own sweeps, so one claim's runs never stand in for another's at a shared 
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,30 +106,26 @@ def test_c3_correlates_the_orders_score_with_accuracy(store, study, tmp_path):
     assert (tmp_path / "c3.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def run_script(*args: str) -> tuple[int, list[str]]:
+    """run.py as a user runs it: its exit code and its non-blank stderr lines."""
+    done = subprocess.run([sys.executable, str(RUN_PY), *args], capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+
+
 def test_summary_without_a_store_is_one_line_and_writes_nothing(tmp_path):
     """A fresh clone has the committed results but not the study's store: the summary says so
     in one line (exit 2) instead of a traceback, and writes no half summary."""
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(RUN_PY), "summary", "--tracking-uri",
-         f"sqlite:///{tmp_path / 'nowhere.db'}", "--json", str(out / "c1.json"), "--plot",
-         str(out / "c1.png")], capture_output=True, text=True, timeout=300)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2, done.stderr
+    code, lines = run_script("summary", "--tracking-uri", f"sqlite:///{tmp_path / 'nowhere.db'}",
+                             "--json", str(out / "c1.json"), "--plot", str(out / "c1.png"))
+    assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: --tracking-uri: no MLflow store")
     assert "docs/results/fidelity" in lines[0]
     assert not out.exists() and not (tmp_path / "nowhere.db").exists()
 
 
 def test_a_claim_that_is_not_one_is_one_line():
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, str(RUN_PY), "launch", "c9"], capture_output=True,
-                          text=True, timeout=120)
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    code, lines = run_script("launch", "c9")
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: argument claim: invalid choice: 'c9'")

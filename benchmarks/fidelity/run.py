@@ -383,10 +383,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "launch":
         return launch(args.claim)
-    from orchestrator.store import check_local_store
+    from orchestrator.store import check_store
 
     try:  # before anything is read or written: a fresh clone has the results, not the store
-        check_local_store(args.tracking_uri)
+        check_store(args.tracking_uri)
     except ValueError as e:
         print(f"error: --tracking-uri: {e}; the committed results are in "
               f"docs/results/fidelity/ (the study's store is not committed)", file=sys.stderr)
