@@ -63,7 +63,7 @@ def main() -> None:
         sweep = load_sweep(spec, dataset_info=create_dataset)
 
         start = time.perf_counter()
-        ray.init(num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
         outcome = launch(sweep, verbose=0)
         wall = time.perf_counter() - start

@@ -22,9 +22,14 @@ def shared_cifar10() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray (2 CPUs) for every test of the session that runs real sweeps."""
+    """One local Ray (2 CPUs) for every test of the session that runs real sweeps.
+
+    address="local" starts a private instance even when a Ray cluster already runs on this
+    machine (a user's `ray start --head`): plain ray.init() would try to join that one, and
+    joining refuses num_cpus.
+    """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
