@@ -341,7 +341,7 @@ def status_command(
     """Trials of a sweep by state, with their best test accuracy so far (from MLflow)."""
     import json
 
-    from orchestrator.status import sweep_status
+    from orchestrator.status import INTERRUPTED, sweep_status
 
     with user_errors():
         sweeps = sweep_status(tracking_uri, experiment, sweep)
@@ -364,6 +364,10 @@ def status_command(
         console.print(table)
         if hidden:
             console.print(f"{hidden} more finished trials not shown (--all lists every one)")
+        if entry.status == INTERRUPTED:
+            console.print(f"no driver runs sweep {entry.name} any more (it was killed, or its "
+                          f"machine went down): `podd-sweep launch {entry.spec or 'SPEC'}` "
+                          f"resumes it from its checkpoints", highlight=False, soft_wrap=True)
         if entry.search is not None:
             from orchestrator.search_record import describe
 

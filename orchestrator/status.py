@@ -1,6 +1,11 @@
 """Reading a sweep's records back from MLflow: which trials ran, how they ended, how well.
 
 Used by `podd-sweep status`; reads only, and never creates a store that is not there.
+
+MLflow keeps saying RUNNING for a sweep whose driver was SIGKILLed or whose machine went
+down: nothing was left to close the runs. Where the sweep's storage folder is readable here,
+its driver lock (orchestrator/driver_lock.py) tells: no live driver holds it, so the sweep
+and its running trials show as INTERRUPTED, and launching the spec again resumes them.
 """
 
 from __future__ import annotations
@@ -10,13 +15,16 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from orchestrator.driver_lock import running_driver
 from orchestrator.store import (ERROR_TAG, KEY_TAG, SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
                                 run_records)
 from podd_engine.errors import UserError
 
 # a trial's progress: the furthest step logged, and its best test accuracy so far
 PROGRESS_METRICS = ("loss", "test_accuracy")
+INTERRUPTED = "INTERRUPTED"  # recorded as RUNNING, but no driver runs it any more
 
 
 @dataclass
@@ -37,6 +45,7 @@ class SweepStatus:
     planned: int
     trials: list[TrialStatus] = field(default_factory=list)
     search: dict | None = None  # a search's progress (orchestrator/search.py, compacted)
+    spec: str | None = None  # the spec file it was launched from, as given to launch
 
     @property
     def counts(self) -> dict[str, int]:
@@ -53,7 +62,8 @@ class SweepStatus:
 
     def to_dict(self) -> dict:
         """For `status --json`: the sweep, its counts and every trial."""
-        return {"sweep": self.name, "status": self.status, "planned": self.planned,
+        return {"sweep": self.name, "status": self.status, "spec": self.spec,
+                "planned": self.planned,
                 "counts": self.counts, "search": self.search,
                 "trials": [dataclasses.asdict(t) for t in self.trials]}
 
@@ -64,6 +74,18 @@ class SweepStatus:
         top = sorted(finished, key=lambda t: -(t.best_accuracy or 0.0))[:best]
         keep = {id(t) for t in top} | {id(t) for t in self.trials if t.status != "FINISHED"}
         return [t for t in self.trials if id(t) in keep]
+
+
+def driver_gone(parent) -> bool:
+    """True when `parent` (a sweep's run) says RUNNING but its driver is known to be gone: its
+    storage folder is readable on this machine and no live driver holds its lock. False
+    when a driver runs it, or when the folder is elsewhere (another machine, cloud storage)
+    and this machine cannot tell."""
+    storage = parent.params.get("storage")  # the sweep's Ray folder, STORAGE/NAME
+    if parent.status != "RUNNING" or not storage:
+        return False
+    folder = Path(storage).parent
+    return folder.is_dir() and running_driver(folder, parent.tags[SWEEP_TAG]) is None
 
 
 def sweep_status(tracking_uri: str | None, experiment: str,
@@ -80,12 +102,16 @@ def sweep_status(tracking_uri: str | None, experiment: str,
     for parent in sorted(parents, key=lambda p: p.tags[SWEEP_TAG]):
         name = parent.tags[SWEEP_TAG]
         search = json.loads(parent.tags[SEARCH_TAG]) if SEARCH_TAG in parent.tags else None
-        entry = SweepStatus(name, parent.status, int(parent.params.get("trials", 0)),
-                            search=search)
+        gone = driver_gone(parent)
+        entry = SweepStatus(name, INTERRUPTED if gone else parent.status,
+                            int(parent.params.get("trials", 0)), search=search,
+                            spec=parent.params.get("spec"))
         for run in run_records(tracking_uri, experiment, sweep=name, peaks=PROGRESS_METRICS):
             stopped = run.tags.get(STOPPED_EARLY_TAG)
+            state = ("STOPPED-EARLY" if stopped else
+                     INTERRUPTED if gone and run.status == "RUNNING" else run.status)
             entry.trials.append(TrialStatus(
-                run.name, run.tags.get(KEY_TAG, ""), "STOPPED-EARLY" if stopped else run.status,
+                run.name, run.tags.get(KEY_TAG, ""), state,
                 max((run.steps.get(k, 0) for k in PROGRESS_METRICS), default=0),
                 run.peaks.get("test_accuracy"), stopped or run.tags.get(ERROR_TAG),
                 run.run_id))

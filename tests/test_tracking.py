@@ -347,3 +347,44 @@ def test_a_write_retried_after_the_store_failed_is_recorded_once(tmp_path, monke
     history = MlflowClient(recorder.tracking_uri).get_metric_history(recorder.runs[trial.key],
                                                                      "loss")
     assert failures and [(m.step, m.value) for m in history] == [(2, 1.0), (4, 0.5)]
+
+
+def test_a_sweep_whose_driver_is_gone_shows_interrupted_and_how_to_resume(tmp_path):
+    """MLflow says RUNNING after a driver's SIGKILL or a machine's restart; the driver lock in
+    the storage folder says whether anything still runs the sweep."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.driver_lock import DriverLock
+
+    spec, trials = one_trial(tmp_path)
+    storage = tmp_path / "ray"
+    storage.mkdir()
+    recorder = SweepRecorder(f"sqlite:///{tmp_path / 'mlflow.db'}", "podd-sweep", "rec")
+    recorder.open_sweep(spec_text=spec.read_text(), fingerprint="f", trials=len(trials),
+                        params={"spec": str(spec), "storage": str(storage / "rec")})
+    recorder.trial_started(trials[0])
+    recorder.trial_result(trials[0].key, report(STEP, 4, {"loss": 1.0}))
+    recorder.trial_started(trials[1])
+    recorder.trial_finished(trials[1].key)
+    status = ["status", "rec", "--tracking-uri", recorder.tracking_uri]
+
+    def states(*args):
+        result = CliRunner().invoke(app, [*status, *args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    gone = states()  # nothing holds the lock: the driver died without closing its runs
+    assert "sweep rec (interrupted)" in gone and "INTERRUPTED" in gone and "FINISHED" in gone
+    assert f"podd-sweep launch {spec}" in " ".join(gone.split())
+    lock = DriverLock(storage, "rec")
+    lock.acquire()
+    try:
+        running = states()
+        assert "sweep rec (running)" in running and "INTERRUPTED" not in running
+    finally:
+        lock.release()
+    assert '"status": "INTERRUPTED"' in states("--json")
+    # storage this machine cannot see (another machine's folder): it cannot tell, says RUNNING
+    storage.rename(tmp_path / "elsewhere")
+    assert "sweep rec (running)" in states()
