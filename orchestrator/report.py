@@ -156,12 +156,19 @@ def measured_baseline(rows: list[dict]) -> Baseline | None:
 
 
 def control_for(podd: dict, controls: list[dict]) -> dict | None:
-    """The undistilled control with the same storage as a PoDD configuration: same IPC,
-    preferably the same patches, order and labels; the best one when several."""
-    same_ipc = [c for c in controls if c["ipc"] == podd["ipc"]]
-    same_cut = [c for c in same_ipc if all(c[k] == podd[k]
-                                           for k in ("patch_grid", "order", "labels"))]
-    chosen = same_cut or same_ipc
+    """The undistilled control with the same storage as a PoDD configuration: the same IPC
+    and the same cut (every configuration setting the control does not ignore: patches, order
+    and its encoder, labels, their pooling); the best one when several. None when no control
+    was cut as this configuration was: one of another cut would fold the difference between
+    the cuts into the gain that distillation is credited with."""
+    mine = json.loads(podd["settings"])
+
+    def same_cut(control: dict) -> bool:
+        theirs = json.loads(control["settings"])
+        ignored = set(get_method(control["method"]).ignores)
+        return all(theirs.get(k) == mine.get(k) for k in CONFIGURATION_AXES if k not in ignored)
+
+    chosen = [c for c in controls if c["ipc"] == podd["ipc"] and same_cut(c)]
     return best_row(chosen) if chosen else None
 
 

@@ -592,18 +592,28 @@ def test_controls_show_the_gain_over_random_real_images(store):
     assert len(result.control_run_ids) == 2
 
 
-def test_every_podd_row_shows_its_gain_over_the_control(store):
+def test_every_podd_row_shows_its_gain_over_the_control_of_its_own_cut(store):
     """Not only the best configuration at an IPC: each PoDD row is compared with its control
-    (in the table's machine formats: CSV, Parquet and JSON rows)."""
+    (in the table's machine formats: CSV, Parquet and JSON rows), and only with a control cut
+    as it was: a control of other patches or labels would credit distillation with the
+    difference between the cuts."""
     from orchestrator.report_output import judged_rows
 
     fill(store, {0.5: [0.42, 0.43]})
     for seed, acc in enumerate([0.30, 0.32]):  # a second, worse configuration at 0.5 IPC
         store(method="podd", ipc=0.5, seed=seed, accuracy=acc, labels="learned")
+    for seed, acc in enumerate([0.36, 0.38]):  # a third, whose cut no control has
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc, patch_grid="8x3")
     for seed, acc in enumerate([0.20, 0.22]):
         store(method="random-real", ipc=0.5, seed=seed, accuracy=acc)
+    for seed, acc in enumerate([0.25, 0.27]):  # learned labels start soft: another control
+        store(method="random-real", ipc=0.5, seed=seed, accuracy=acc, labels="learned")
     report = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
-    podd = [r for r in judged_rows(report, report.only()) if r["method"] == "podd"]
-    assert sorted(r["gain_over_control"] for r in podd) == pytest.approx([0.31 - 0.21,
-                                                                           0.425 - 0.21])
-    assert all(len(r["control_run_ids"]) == 2 and r["baseline_run_ids"] for r in podd)
+    podd = {(r["patch_grid"], r["labels"]): r for r in judged_rows(report, report.only())
+            if r["method"] == "podd"}
+    assert podd["16x6", "fixed"]["gain_over_control"] == pytest.approx(0.425 - 0.21)
+    assert podd["16x6", "learned"]["gain_over_control"] == pytest.approx(0.31 - 0.26)
+    assert podd["8x3", "fixed"]["gain_over_control"] is None
+    assert podd["8x3", "fixed"]["control_run_ids"] == []
+    assert all(r["baseline_run_ids"] for r in podd.values())
+    assert all(len(r["control_run_ids"]) == 2 for k, r in podd.items() if k[0] == "16x6")
