@@ -90,6 +90,15 @@ def aggregate(runs: pa.Table) -> pa.Table:
                             ("accuracy", "descending"), ("settings", "ascending")])
 
 
+def with_failed_seeds(table: pa.Table, failed: dict[tuple, list[str]]) -> pa.Table:
+    """`table` (aggregated) with each configuration's failed seeds (`failed_run_ids`: runs a
+    search stopped early or whose accuracy is NaN): such a configuration cannot pass on the
+    seeds that survived."""
+    keys = _keys(table, ["dataset", "method", "ipc", "settings"])
+    return table.append_column("failed_run_ids", pa.array([failed.get(k, []) for k in keys],
+                                                          pa.list_(pa.string())))
+
+
 def _keys(table: pa.Table, columns: list[str]) -> list[tuple]:
     return list(zip(*(table.column(c).to_pylist() for c in columns)))
 
@@ -194,6 +203,8 @@ def configuration_label(row: dict, extra_axes: tuple[str, ...] = ()) -> str:
         parts.append(f"{row['order']} order")
     parts.append(f"{row['labels']} labels")
     parts += [f"{k} {display_value(settings[k])}" for k in extra_axes if k in settings]
+    if failed := row.get("failed_run_ids"):
+        parts.append(f"{len(failed)} seed(s) failed: stopped early or NaN")
     return ", ".join(parts)
 
 
@@ -354,7 +365,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
     fixed = paper_baseline(family) if how == "paper" else None
     if isinstance(how, float):
         fixed = Baseline(how, 0.0, f"given on the command line ({100 * how:g} %)", exact=True)
-    table = aggregate(runs)
+    table = with_failed_seeds(aggregate(runs), gathered.failed_seeds(dataset))
     groups = table.to_pylist()
     extra_axes = _extra_configuration_axes(groups)
     judged_roles = (POSTER, BASELINE)
@@ -400,7 +411,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
             reports.append(ScheduleReport(tag, {k: display_value(v) for k, v in schedule.items()},
                                           chosen, verdict,
                                           table.take(pa.array(rows, type=pa.int64()))))
-    left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE)
+    left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY)
                 if (ids := gathered.left_out_ids(reason, dataset))}
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out,
                          repeated_seed_runs(runs))

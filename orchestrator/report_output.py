@@ -69,10 +69,11 @@ def groups_with_verdict(report: DatasetReport) -> pa.Table:
     rows = []
     for schedule in report.schedules:
         for row in judged_rows(report, schedule):
-            for key in ("run_ids", "seeds", "baseline_run_ids", "control_run_ids"):
+            for key in ("run_ids", "seeds", "failed_run_ids", "baseline_run_ids",
+                        "control_run_ids"):
                 row[key] = " ".join(map(str, row[key]))
             rows.append(row)
-    listed = {"run_ids": pa.string(), "seeds": pa.string()}
+    listed = {"run_ids": pa.string(), "seeds": pa.string(), "failed_run_ids": pa.string()}
     groups = report.schedules[0].groups.schema
     schema = pa.schema([pa.field(f.name, listed.get(f.name, f.type)) for f in groups]
                        + VERDICT_FIELDS)

@@ -39,6 +39,9 @@ IDENTITY = ("method", "ipc")
 # Why a trial run is not in the table.
 RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
 STOPPED_EARLY = "stopped-early"  # a search stopped it below the baseline's curve
+# a seed that failed: its configuration cannot pass on the seeds that survived (the mean of the
+# survivors would be the mean of the lucky ones), as a search counts it failing
+FAILED_SEED_REASONS = (STOPPED_EARLY, NAN_ACCURACY)
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
 
@@ -148,6 +151,16 @@ def _run_row(run: RunRecord) -> dict:
     }
 
 
+def _configuration_of(run: RunRecord) -> tuple | None:
+    """(family, method, ipc, settings): what the report groups a run's seeds by (the row's
+    dataset, method, ipc and settings columns); None when its params do not say."""
+    try:
+        return (_run_dataset(run)[0], run.params["method"], float(run.params["ipc"]),
+                as_json(run_settings(run.params)))
+    except (KeyError, ValueError):
+        return None
+
+
 def _left_out_reason(run: RunRecord) -> str | None:
     """Why a trial run cannot be in the table, or None when it can."""
     if run.status == "RUNNING":
@@ -167,6 +180,7 @@ class LeftOut:
     dataset: str
     dataset_source: str
     reason: str
+    configuration: tuple | None = None  # a failed seed's (family, method, ipc, settings)
 
 
 @dataclass
@@ -181,6 +195,16 @@ class Gathered:
         it) or of all."""
         return [r.run_id for r in self.left_out if r.reason == reason
                 and (dataset is None or dataset in (r.dataset, r.dataset_source))]
+
+    def failed_seeds(self, dataset: str) -> dict[tuple, list[str]]:
+        """{(family, method, ipc, settings): run ids} of the seeds of data set `dataset` that
+        failed (FAILED_SEED_REASONS), by the configuration they belong to."""
+        out: dict[tuple, list[str]] = {}
+        for r in self.left_out:
+            if (r.reason in FAILED_SEED_REASONS and r.configuration is not None
+                    and dataset in (r.dataset, r.dataset_source)):
+                out.setdefault(r.configuration, []).append(r.run_id)
+        return out
 
     @property
     def running(self) -> int:
@@ -221,7 +245,8 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
     rows, left_out = [], []
     for run in runs:
         if STOPPED_EARLY_TAG in run.tags:  # not a finished run of its schedule
-            left_out.append(LeftOut(run.run_id, *_run_dataset(run), STOPPED_EARLY))
+            left_out.append(LeftOut(run.run_id, *_run_dataset(run), STOPPED_EARLY,
+                                    _configuration_of(run)))
             continue
         if run.status not in ("RUNNING", "FINISHED"):
             continue
@@ -229,7 +254,8 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
         if reason is None:
             rows.append(_run_row(run))
         else:
-            left_out.append(LeftOut(run.run_id, *_run_dataset(run), reason))
+            left_out.append(LeftOut(run.run_id, *_run_dataset(run), reason,
+                                    _configuration_of(run) if reason == NAN_ACCURACY else None))
     rows.sort(key=lambda r: r["run_id"])  # the same table whichever way the store was read
     left_out.sort(key=lambda r: r.run_id)
     return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
@@ -284,7 +310,8 @@ def describe_differences(differing: dict[str, list[str]]) -> str:
 def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
     """One note line for the runs left out for `reason` (their full ids, the first few)."""
     what = {RUNNING: "trial run(s) still RUNNING are left out; report again when they finish",
-            NAN_ACCURACY: "finished run(s) with test accuracy NaN are left out",
+            NAN_ACCURACY: "finished run(s) with test accuracy NaN are left out (their "
+                          "configuration counts as failing)",
             INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out",
             STOPPED_EARLY: "run(s) a search stopped early, below the baseline's curve, are not "
                            "finished runs of their schedule and are left out (the search "

@@ -23,8 +23,10 @@ EXIT_CODES = {PASS: 0, NONE_PASSES: 1, TOO_FEW_RUNS: 1, NO_BASELINE: 1}
 
 
 def best_row(rows: list[dict]) -> dict:
-    """The best configuration among those with enough seeds to judge (else the best at all)."""
-    return max(rows, key=lambda r: (r["runs"] >= MIN_RUNS, r["accuracy"]))
+    """The best configuration among those with no failed seed and enough seeds to judge (else
+    the best at all)."""
+    return max(rows, key=lambda r: (not r.get("failed_run_ids"), r["runs"] >= MIN_RUNS,
+                                    r["accuracy"]))
 
 
 @dataclass
@@ -48,7 +50,10 @@ def interval_to(row: dict, baseline: Baseline) -> Interval | None:
 
 def row_passes(row: dict, baseline: Baseline, criterion: str) -> bool | None:
     """Pass/fail of one configuration; None with too few runs (or, for `significant`, an
-    interval that cannot be told)."""
+    interval that cannot be told). A configuration with a failed seed (stopped early by a
+    search, or NaN) fails, however its other seeds did."""
+    if row.get("failed_run_ids"):
+        return False
     if row["runs"] < MIN_RUNS:
         return None
     if criterion == "significant":

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.report import build_report
 from orchestrator.runs import ReportError, gather_runs
-from orchestrator.store import KEY_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG
+from orchestrator.store import KEY_TAG, PARENT_TAG, ROLE_TAG, STOPPED_EARLY_TAG, SWEEP_TAG
 
 runner = CliRunner()
 
@@ -234,7 +234,7 @@ def test_single_run_baseline_says_its_std_is_unknown(store):
     assert schedule["verdict"]["per_ipc"][0]["difference_low"] is None
 
 
-def test_nan_accuracy_run_is_left_out_not_averaged(store):
+def test_nan_accuracy_run_is_left_out_not_averaged_and_its_configuration_fails(store):
     fill(store, {0.5: [0.42, 0.43]})
     broken = store(method="podd", ipc=0.5, seed=7, accuracy=float("nan"))
     store(method="podd", ipc=0.8, seed=0, accuracy=0.45, accuracy_std=float("nan"))
@@ -244,11 +244,13 @@ def test_nan_accuracy_run_is_left_out_not_averaged(store):
     report = build_report(gathered, "cifar10")
     assert report.left_out == {"nan-accuracy": [broken]}
     (at_half,) = [r for r in report.verdict.per_ipc if r.ipc == 0.5]
-    assert at_half.accuracy == pytest.approx(0.425) and at_half.runs == 2 and at_half.passes
+    assert at_half.accuracy == pytest.approx(0.425) and at_half.runs == 2
+    assert at_half.passes is False  # a diverged seed fails its configuration
 
     result = runner.invoke(app, ["report", "--tracking-uri", store.uri, "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert f"1 finished run(s) with test accuracy NaN are left out: {broken}" in result.stderr
+    assert (f"1 finished run(s) with test accuracy NaN are left out (their configuration "
+            f"counts as failing): {broken}") in " ".join(result.stderr.split())
 
     def no_nan(constant):
         raise AssertionError(f"{constant} in the JSON")
@@ -617,3 +619,42 @@ def test_every_podd_row_shows_its_gain_over_the_control_of_its_own_cut(store):
     assert podd["8x3", "fixed"]["control_run_ids"] == []
     assert all(r["baseline_run_ids"] for r in podd.values())
     assert all(len(r["control_run_ids"]) == 2 for k, r in podd.items() if k[0] == "16x6")
+
+@pytest.mark.parametrize("failure", ["stopped-early", "nan"])
+def test_a_configuration_with_a_failed_seed_fails_on_the_seeds_that_survived(store, failure):
+    """A seed a search stopped early (below the baseline's curve) or one whose accuracy is NaN
+    is not a seed to forget: averaging the survivors averages the lucky ones. The search
+    counts such a configuration failing; so does the report."""
+    from orchestrator.report_output import judged_rows
+
+    fill(store, {0.7: [0.35, 0.36]}, baseline=(0.30, 0.31))
+    if failure == "stopped-early":
+        lost = store(method="podd", ipc=0.5, seed=0, accuracy=0.10, status="KILLED")
+        store.client.set_tag(lost, STOPPED_EARLY_TAG, "below the baseline's curve at step 40")
+    else:
+        lost = store(method="podd", ipc=0.5, seed=0, accuracy=float("nan"))
+    for seed, acc in ((1, 0.32), (2, 0.33)):
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc)
+    for seed, acc in enumerate([0.31, 0.315]):  # another cut at 0.5 IPC, every seed finished
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc, patch_grid="8x3")
+
+    report = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    verdict = report.verdict
+    by_ipc = {r.ipc: r for r in verdict.per_ipc}
+    # the better-looking 16x6 (32.5 % on two survivors) is not the one judged at 0.5 IPC
+    assert "8x3" in by_ipc[0.5].configuration and by_ipc[0.5].passes is True
+    rows = {r["patch_grid"]: r for r in judged_rows(report, report.only())
+            if r["method"] == "podd" and r["ipc"] == 0.5}
+    assert rows["16x6"]["passes"] is False and rows["16x6"]["failed_run_ids"] == [lost]
+    assert rows["8x3"]["failed_run_ids"] == [] and rows["8x3"]["passes"] is True
+    assert verdict.lowest_ipc == 0.5
+
+    # with no other cut, 0.5 IPC fails and the lowest passing IPC is 0.7
+    alone = [r for r in gather_runs(store.uri, "podd-sweep").runs.to_pylist()
+             if r["patch_grid"] == "8x3"]
+    for run in alone:
+        store.client.delete_run(run["run_id"])
+    again = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    (half,) = [r for r in again.verdict.per_ipc if r.ipc == 0.5]
+    assert half.passes is False and "1 seed(s) failed" in half.configuration
+    assert again.verdict.lowest_ipc == 0.7
