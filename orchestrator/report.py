@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 
 from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, STOPPED_EARLY,  # noqa: F401
                                UNRECORDED, Gathered, ReportError, differing_settings,
-                               display_value, finite_or_none, numbers_first, select_where)
+                               display_value, finite_or_none, mixed_provenance, numbers_first,
+                               select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
@@ -252,6 +253,8 @@ class ScheduleReport:
     baseline: Baseline | None
     verdict: Verdict
     groups: pa.Table  # its PoDD configurations, its baselines and the controls that match it
+    # where its runs differ in the code, torch build or device they ran on (runs.PROVENANCE)
+    mixed_provenance: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -298,7 +301,8 @@ class DatasetReport:
             "budget": self.budget, "differing_settings": self.differing,
             "schedules": [{"label": s.label, "settings": s.schedule,
                            "baseline": asdict(s.baseline) if s.baseline else None,
-                           "verdict": asdict(s.verdict), "groups": s.groups.to_pylist()}
+                           "verdict": asdict(s.verdict), "groups": s.groups.to_pylist(),
+                           "mixed_provenance": s.mixed_provenance}
                           for s in self.schedules],
             "runs": self.runs.to_pylist(), "left_out": self.left_out,
             "repeated_seeds": self.repeated_seeds, "searches": self.searches})
@@ -408,9 +412,11 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
                                  chosen, criterion, name)
             rows = [i for i in shown if role_of(groups[i]["method"]) != POSTER
                     or groups[i]["method"] == method]
+            compared = {i for g in rows for i in groups[g]["run_ids"]}
             reports.append(ScheduleReport(tag, {k: display_value(v) for k, v in schedule.items()},
                                           chosen, verdict,
-                                          table.take(pa.array(rows, type=pa.int64()))))
+                                          table.take(pa.array(rows, type=pa.int64())),
+                                          mixed_provenance(runs, compared)))
     left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY)
                 if (ids := gathered.left_out_ids(reason, dataset))}
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out,

@@ -86,6 +86,11 @@ def print_report(console: Console, report: DatasetReport) -> None:
         console.print("run ids:", *run_id_lines(schedule), sep="\n  ", highlight=False,
                       soft_wrap=True)
         console.print(f"[bold]verdict:[/] {escape(schedule.verdict.message)}", highlight=False)
+        if schedule.mixed_provenance:
+            console.print(f"note: the runs compared here did not all run the same code or "
+                          f"hardware ({escape(describe_differences(schedule.mixed_provenance))})"
+                          f": their differences are part of the comparison", highlight=False,
+                          soft_wrap=True)
     for search in report.searches:
         from orchestrator.search_record import describe
 

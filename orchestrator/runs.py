@@ -59,7 +59,11 @@ RUN_SCHEMA = pa.schema([
     ("storage_bytes", pa.int64()), ("ipc_by_bytes", pa.float64()), ("trial_key", pa.string()),
     ("settings", pa.string()),   # JSON: every result-changing setting but the seed
     ("schedule", pa.string()),   # JSON: the settings that are not the configuration
+    # where it came from (podd_engine/provenance.py): not settings, never split a schedule
+    ("engine_revision", pa.string()), ("torch_version", pa.string()),
+    ("device_used", pa.string()),
 ])
+PROVENANCE = ("engine_revision", "torch_version", "device_used")
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -148,6 +152,7 @@ def _run_row(run: RunRecord) -> dict:
         "ipc_by_bytes": storage / one_ipc if one_ipc else None,
         "trial_key": run.tags.get(KEY_TAG, ""),
         "settings": as_json(settings), "schedule": as_json(schedule_of(settings)),
+        **{key: params.get(key) for key in PROVENANCE},
     }
 
 
@@ -289,6 +294,20 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
     for key in keys:
         values = sorted({display_value(s[key]) if key in s else UNRECORDED for s in settings},
                         key=numbers_first)
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+def mixed_provenance(runs: pa.Table, run_ids: set[str]) -> dict[str, list[str]]:
+    """{engine_revision | torch_version | device_used: its values} where the runs `run_ids`
+    did not all come from the same code, torch build or device (a run older than the record:
+    UNRECORDED)."""
+    chosen = [r for r in runs.select(["run_id", *PROVENANCE]).to_pylist()
+              if r["run_id"] in run_ids]
+    out = {}
+    for key in PROVENANCE:
+        values = sorted({r[key] or UNRECORDED for r in chosen})
         if len(values) > 1:
             out[key] = values
     return out

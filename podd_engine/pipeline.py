@@ -33,6 +33,7 @@ from podd_engine.poster import (PosterGeometry, compose_poster, extract_patches,
                                 parse_grid)
 from podd_engine.artifact import PosterArtifact, save_artifact
 from podd_engine.preprocess import Preprocessing, fit_preprocessing, preprocessing_key
+from podd_engine.provenance import provenance
 from podd_engine.inner import InnerSchedule, SyntheticSet
 from podd_engine.rat_bptt import Distiller, OuterSettings, StepMetrics
 
@@ -70,7 +71,8 @@ class Trial:
                 "image_size": "x".join(map(str, self.dataset.image_size)),
                 "requested_ipc": self.config.ipc, **self.geometry.summary(),
                 "label_mode": self.labels.mode, "label_parameters": self.labels.num_parameters,
-                **self.ordering.summary(), "config_key": self.config.key()}
+                **self.ordering.summary(), "config_key": self.config.key(),
+                **provenance(self.device)}
 
     def make_model(self) -> torch.nn.Module:
         c = self.config

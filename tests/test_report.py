@@ -658,3 +658,33 @@ def test_a_configuration_with_a_failed_seed_fails_on_the_seeds_that_survived(sto
     (half,) = [r for r in again.verdict.per_ipc if r.ipc == 0.5]
     assert half.passes is False and "1 seed(s) failed" in half.configuration
     assert again.verdict.lowest_ipc == 0.7
+
+
+def test_runs_of_other_code_or_hardware_are_compared_and_named(store):
+    """Where a run came from (engine revision, torch build, device) is not a setting: runs
+    that differ only there share a schedule, and the report says that they differ."""
+    here = {"engine_revision": "0.1.0+gaaaaaaaaaa", "torch_version": "2.14.1",
+            "device_used": "cpu"}
+    for seed, acc in enumerate([0.40, 0.42]):
+        store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=acc, extra_params=here)
+    for seed, acc in enumerate([0.42, 0.43]):
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc, extra_params=here)
+    alike = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    assert alike.only().mixed_provenance == {}
+
+    gpu = {**here, "device_used": "cuda (NVIDIA H100, TF32 convolutions)",
+           "engine_revision": "0.1.0+gbbbbbbbbbb"}
+    store(method="podd", ipc=0.5, seed=2, accuracy=0.44, extra_params=gpu)
+    store(method="podd", ipc=0.7, seed=0, accuracy=0.44)  # older than the record
+    mixed = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
+    assert len(mixed.schedules) == 1 and mixed.verdict.per_ipc[0].runs == 3
+    assert mixed.only().mixed_provenance == {
+        "engine_revision": ["(unrecorded)", "0.1.0+gaaaaaaaaaa", "0.1.0+gbbbbbbbbbb"],
+        "torch_version": ["(unrecorded)", "2.14.1"],
+        "device_used": ["(unrecorded)", "cpu", "cuda (NVIDIA H100, TF32 convolutions)"]}
+    table = runner.invoke(app, ["report", "--tracking-uri", store.uri])
+    assert "note: the runs compared here did not all run the same code or hardware" in \
+        " ".join(table.stdout.split())
+    as_json = runner.invoke(app, ["report", "--tracking-uri", store.uri, "--format", "json"])
+    (schedule,) = json.loads(as_json.stdout)["datasets"][0]["schedules"]
+    assert schedule["mixed_provenance"]["device_used"][1] == "cpu"

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from orchestrator.tune import SWEEP_STATE, launch, write_sweep_state
 from podd_engine import fileio
 from podd_engine.artifact import load_artifact
 from podd_engine.data import create_dataset
+from podd_engine.provenance import engine_revision
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 runner = CliRunner()
@@ -73,6 +75,9 @@ def test_mini_sweep_end_to_end_is_recorded_in_mlflow(tmp_path):
         assert abs(float(params["achieved_ipc"]) - trial.achieved_ipc) < 1e-3
         assert (int(params["poster_height"]), int(params["poster_width"])) == trial.poster_size
         assert params["embedder_used"] == "none" and params["width"] == "8"
+        # where it came from (this checkout's commit), on what
+        assert params["engine_revision"] == engine_revision()
+        assert (params["device_used"], params["torch_version"]) == ("cpu", torch.__version__)
         assert steps(client, run) == [2, 3, 5, 6]  # every log_every=2 steps and checkpoints
         accuracy = run.data.metrics["test_accuracy"]
         assert 0.0 <= accuracy <= 1.0 and "test_accuracy_std" in run.data.metrics
