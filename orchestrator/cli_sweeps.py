@@ -365,9 +365,11 @@ def status_command(
         if hidden:
             console.print(f"{hidden} more finished trials not shown (--all lists every one)")
         if entry.status == INTERRUPTED:
-            console.print(f"no driver runs sweep {entry.name} any more (it was killed, or its "
-                          f"machine went down): `podd-sweep launch {entry.spec or 'SPEC'}` "
-                          f"resumes it from its checkpoints", highlight=False, soft_wrap=True)
+            console.print(f"no driver runs sweep {entry.name} any more, yet it was never closed "
+                          f"(its driver was killed, its machine went down, or it could not "
+                          f"reach the store as it ended): `{entry.resume}` (from the folder it "
+                          f"was launched in) resumes it from its checkpoints", highlight=False,
+                          soft_wrap=True)
         if entry.search is not None:
             from orchestrator.search_record import describe
 

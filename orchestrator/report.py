@@ -27,8 +27,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.runs import (INCOMPLETE, NAN_ACCURACY, RUNNING, STOPPED_EARLY,  # noqa: F401
-                               UNRECORDED, Gathered, ReportError, differing_settings,
+from orchestrator.runs import (DIVERGED, INCOMPLETE, NAN_ACCURACY, PROVENANCE,  # noqa: F401
+                               RUNNING, STOPPED_EARLY, UNRECORDED, Gathered, ReportError, differing_settings,
                                display_value, finite_or_none, mixed_provenance, numbers_first,
                                select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
@@ -211,8 +211,9 @@ def configuration_label(row: dict, extra_axes: tuple[str, ...] = ()) -> str:
 
 def judge(podd: list[dict], baseline: Baseline, criterion: str, budget: str,
           controls: list[dict], extra_axes: tuple[str, ...]) -> list[IpcResult]:
-    """At each PoDD IPC (by pixels, or by bytes), the best configuration (with enough runs,
-    if any has), its pass, its difference to the baseline and its gain over the control."""
+    """At each PoDD IPC (by pixels, or by bytes), the best configuration (with no failed seed
+    and enough runs, if any has), its pass, its difference to the baseline and its gain over
+    the control."""
     def judged_ipc(row: dict) -> float:
         if budget == "bytes" and row["ipc_by_bytes"] is not None:
             return round(row["ipc_by_bytes"], 3)
@@ -220,7 +221,8 @@ def judge(podd: list[dict], baseline: Baseline, criterion: str, budget: str,
 
     results = []
     for ipc in sorted({judged_ipc(r) for r in podd}):
-        best = best_row([r for r in podd if judged_ipc(r) == ipc])
+        at_ipc = [r for r in podd if judged_ipc(r) == ipc]
+        best = best_row([r for r in at_ipc if not r["failed_run_ids"]] or at_ipc)
         interval = interval_to(best, baseline)
         control = control_for(best, controls)
         results.append(IpcResult(
@@ -369,7 +371,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
     fixed = paper_baseline(family) if how == "paper" else None
     if isinstance(how, float):
         fixed = Baseline(how, 0.0, f"given on the command line ({100 * how:g} %)", exact=True)
-    table = with_failed_seeds(aggregate(runs), gathered.failed_seeds(dataset))
+    table = with_failed_seeds(aggregate(runs), gathered.failed_seeds(dataset, where))
     groups = table.to_pylist()
     extra_axes = _extra_configuration_axes(groups)
     judged_roles = (POSTER, BASELINE)
@@ -388,6 +390,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
     poster_methods = sorted({g["method"] for g in groups if role_of(g["method"]) == POSTER},
                             key=lambda m: (m != "podd", m))
     reports = []
+    origins = runs.select(["run_id", *PROVENANCE]).to_pylist()
     for text, schedule in zip(schedule_texts, schedules):
         label = ", ".join(f"{k}={display_value(schedule[k]) if k in schedule else UNRECORDED}"
                           for k in differing)
@@ -416,8 +419,9 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
             reports.append(ScheduleReport(tag, {k: display_value(v) for k, v in schedule.items()},
                                           chosen, verdict,
                                           table.take(pa.array(rows, type=pa.int64())),
-                                          mixed_provenance(runs, compared)))
-    left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY)
+                                          mixed_provenance(origins, compared)))
+    left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY,
+                                           DIVERGED)
                 if (ids := gathered.left_out_ids(reason, dataset))}
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out,
                          repeated_seed_runs(runs))

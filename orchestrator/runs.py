@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from orchestrator.store import (DATASET_TAG, KEY_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, RunRecord,
-                                run_records)
+from orchestrator.store import (DATASET_TAG, ERROR_TAG, KEY_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
+                                RunRecord, run_records)
 from podd_engine.config import LATE_SETTINGS, PLACEMENT, TrialConfig
 from podd_engine.errors import UserError
 from podd_engine.methods import CONFIGURATION_AXES, get_method
@@ -41,7 +41,8 @@ RUNNING, NAN_ACCURACY, INCOMPLETE = "running", "nan-accuracy", "incomplete"
 STOPPED_EARLY = "stopped-early"  # a search stopped it below the baseline's curve
 # a seed that failed: its configuration cannot pass on the seeds that survived (the mean of the
 # survivors would be the mean of the lucky ones), as a search counts it failing
-FAILED_SEED_REASONS = (STOPPED_EARLY, NAN_ACCURACY)
+DIVERGED = "diverged"  # FAILED: its loss or poster went NaN/inf (the method failed that seed)
+FAILED_SEED_REASONS = (STOPPED_EARLY, NAN_ACCURACY, DIVERGED)
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
 
@@ -156,14 +157,18 @@ def _run_row(run: RunRecord) -> dict:
     }
 
 
-def _configuration_of(run: RunRecord) -> tuple | None:
-    """(family, method, ipc, settings): what the report groups a run's seeds by (the row's
-    dataset, method, ipc and settings columns); None when its params do not say."""
+def _failed_seed(run: RunRecord, reason: str) -> LeftOut:
+    """A left-out run whose seed failed, with what the report groups seeds by (a table row's
+    dataset, method, ipc and settings; None when its params do not say) and its sweep and
+    seed."""
     try:
-        return (_run_dataset(run)[0], run.params["method"], float(run.params["ipc"]),
-                as_json(run_settings(run.params)))
+        configuration = (_run_dataset(run)[0], run.params["method"],
+                         float(run.params["ipc"]), as_json(run_settings(run.params)))
+        seed = int(run.params.get("seed", 0))
     except (KeyError, ValueError):
-        return None
+        configuration, seed = None, None
+    return LeftOut(run.run_id, *_run_dataset(run), reason, configuration,
+                   run.tags.get(SWEEP_TAG, ""), seed)
 
 
 def _left_out_reason(run: RunRecord) -> str | None:
@@ -186,6 +191,8 @@ class LeftOut:
     dataset_source: str
     reason: str
     configuration: tuple | None = None  # a failed seed's (family, method, ipc, settings)
+    sweep: str = ""  # what --where can select a failed seed by, as a table row's
+    seed: int | None = None
 
 
 @dataclass
@@ -201,13 +208,16 @@ class Gathered:
         return [r.run_id for r in self.left_out if r.reason == reason
                 and (dataset is None or dataset in (r.dataset, r.dataset_source))]
 
-    def failed_seeds(self, dataset: str) -> dict[tuple, list[str]]:
+    def failed_seeds(self, dataset: str,
+                     where: dict[str, str] | None = None) -> dict[tuple, list[str]]:
         """{(family, method, ipc, settings): run ids} of the seeds of data set `dataset` that
-        failed (FAILED_SEED_REASONS), by the configuration they belong to."""
+        failed (FAILED_SEED_REASONS) and that `where` selects, by their configuration."""
         out: dict[tuple, list[str]] = {}
         for r in self.left_out:
             if (r.reason in FAILED_SEED_REASONS and r.configuration is not None
-                    and dataset in (r.dataset, r.dataset_source)):
+                    and dataset in (r.dataset, r.dataset_source)
+                    and matches_where(json.loads(r.configuration[3]),
+                                      {"sweep": r.sweep, "seed": r.seed}, where or {})):
                 out.setdefault(r.configuration, []).append(r.run_id)
         return out
 
@@ -250,17 +260,19 @@ def gathered_from(runs: list[RunRecord]) -> Gathered:
     rows, left_out = [], []
     for run in runs:
         if STOPPED_EARLY_TAG in run.tags:  # not a finished run of its schedule
-            left_out.append(LeftOut(run.run_id, *_run_dataset(run), STOPPED_EARLY,
-                                    _configuration_of(run)))
+            left_out.append(_failed_seed(run, STOPPED_EARLY))
+            continue
+        if run.status == "FAILED" and run.tags.get(ERROR_TAG, "").startswith(DIVERGED):
+            left_out.append(_failed_seed(run, DIVERGED))
             continue
         if run.status not in ("RUNNING", "FINISHED"):
-            continue
+            continue  # crashed or killed: the machinery failed it, not the method
         reason = _left_out_reason(run)
         if reason is None:
             rows.append(_run_row(run))
         else:
-            left_out.append(LeftOut(run.run_id, *_run_dataset(run), reason,
-                                    _configuration_of(run) if reason == NAN_ACCURACY else None))
+            left_out.append(_failed_seed(run, reason) if reason == NAN_ACCURACY else
+                            LeftOut(run.run_id, *_run_dataset(run), reason))
     rows.sort(key=lambda r: r["run_id"])  # the same table whichever way the store was read
     left_out.sort(key=lambda r: r.run_id)
     return Gathered(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), left_out)
@@ -299,18 +311,12 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
     return out
 
 
-def mixed_provenance(runs: pa.Table, run_ids: set[str]) -> dict[str, list[str]]:
+def mixed_provenance(runs: list[dict], run_ids: set[str]) -> dict[str, list[str]]:
     """{engine_revision | torch_version | device_used: its values} where the runs `run_ids`
-    did not all come from the same code, torch build or device (a run older than the record:
-    UNRECORDED)."""
-    chosen = [r for r in runs.select(["run_id", *PROVENANCE]).to_pylist()
-              if r["run_id"] in run_ids]
-    out = {}
-    for key in PROVENANCE:
-        values = sorted({r[key] or UNRECORDED for r in chosen})
-        if len(values) > 1:
-            out[key] = values
-    return out
+    (of `runs`: rows with run_id and PROVENANCE) did not all come from the same code, torch
+    build or device (a run older than the record: UNRECORDED)."""
+    return differing_settings([{k: r[k] for k in PROVENANCE if r[k]} for r in runs
+                               if r["run_id"] in run_ids])
 
 
 def numbers_first(value: str) -> tuple:
@@ -333,8 +339,10 @@ def describe_left_out(ids: list[str], reason: str, shown: int = 5) -> str:
                           "configuration counts as failing)",
             INCOMPLETE: "finished run(s) lack test accuracy or poster facts and are left out",
             STOPPED_EARLY: "run(s) a search stopped early, below the baseline's curve, are not "
-                           "finished runs of their schedule and are left out (the search "
-                           "counts them as failing)"}
+                           "finished runs of their schedule and are left out (their "
+                           "configuration counts as failing, as in the search)",
+            DIVERGED: "run(s) diverged (NaN or infinite loss or poster) and are left out "
+                      "(their configuration counts as failing)"}
     return f"{len(ids)} {what[reason]}: {_first_ids(ids, shown)}"
 
 
@@ -389,10 +397,12 @@ def select_where(runs: pa.Table, where: dict[str, str]) -> pa.Table:
     """The runs whose recorded value of every KEY equals VALUE (`parse_where`)."""
     if not where:
         return runs
-    keep = []
-    for i, row in enumerate(runs.select(["settings", *_RUN_COLUMNS]).to_pylist()):
-        settings = json.loads(row["settings"])
-        if all((canonical_value(str(row[key])) if key in _RUN_COLUMNS else settings.get(key))
-               == value for key, value in where.items()):
-            keep.append(i)
+    keep = [i for i, row in enumerate(runs.select(["settings", *_RUN_COLUMNS]).to_pylist())
+            if matches_where(json.loads(row["settings"]), row, where)]
     return runs.take(pa.array(keep, type=pa.int64()))
+
+
+def matches_where(settings: dict[str, str], run: dict, where: dict[str, str]) -> bool:
+    """Whether a run with `settings` and `run`'s sweep and seed has every KEY=VALUE."""
+    return all((canonical_value(str(run[key])) if key in _RUN_COLUMNS else settings.get(key))
+               == value for key, value in where.items())

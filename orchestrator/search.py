@@ -32,6 +32,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.protocol import DIVERGED
 from orchestrator.verdict import MIN_RUNS, Baseline, interval_to, row_passes
 
 SEARCHES = ("grid", "lowest-passing")
@@ -196,6 +197,9 @@ def judge_configuration(problem: SearchProblem, ipc: float, configuration: str,
     done = [outcomes[c.key] for c in tried if c.key in outcomes]
     status.stopped_early = sum(o.state == STOPPED_EARLY for o in done)
     status.failed = sum(o.state == FAILED for o in done)
+    # a seed that diverged failed as the method, not as the machinery: like one stopped early,
+    # no other seed can rescue its configuration (the report judges it so too)
+    diverged = sum(o.state == FAILED and o.reason.startswith(DIVERGED) for o in done)
     accuracies = [o.accuracy for o in done if o.state == FINISHED]
     status.runs = len(accuracies)
     if accuracies:
@@ -203,7 +207,8 @@ def judge_configuration(problem: SearchProblem, ipc: float, configuration: str,
     if any(c.key in running for c in tried) or baseline is None:
         return status  # RUNNING: wait for it (and for the baseline)
     seeds_left = len(tried) < len(problem.seeds)
-    if status.stopped_early:  # predicted below the baseline's curve: no seed can rescue it
+    if status.stopped_early or diverged:  # below the baseline's curve, or NaN: no seed can
+        # rescue it
         status.state = FAIL
         return status
     if status.runs < MIN_RUNS:

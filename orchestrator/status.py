@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class SweepStatus:
     planned: int
     trials: list[TrialStatus] = field(default_factory=list)
     search: dict | None = None  # a search's progress (orchestrator/search.py, compacted)
-    spec: str | None = None  # the spec file it was launched from, as given to launch
+    resume: str = ""  # the launch command that resumes it, as it was launched
 
     @property
     def counts(self) -> dict[str, int]:
@@ -62,7 +63,7 @@ class SweepStatus:
 
     def to_dict(self) -> dict:
         """For `status --json`: the sweep, its counts and every trial."""
-        return {"sweep": self.name, "status": self.status, "spec": self.spec,
+        return {"sweep": self.name, "status": self.status, "resume": self.resume,
                 "planned": self.planned,
                 "counts": self.counts, "search": self.search,
                 "trials": [dataclasses.asdict(t) for t in self.trials]}
@@ -88,6 +89,14 @@ def driver_gone(parent) -> bool:
     return folder.is_dir() and running_driver(folder, parent.tags[SWEEP_TAG]) is None
 
 
+def resume_command(parent) -> str:
+    """`podd-sweep launch SPEC OVERRIDES` as the sweep was launched (a relative spec path is
+    the launching folder's)."""
+    spec = parent.params.get("spec", "SPEC")
+    return " ".join(filter(None, ["podd-sweep launch", shlex.quote(spec),
+                                  parent.params.get("overrides")]))
+
+
 def sweep_status(tracking_uri: str | None, experiment: str,
                  sweep: str | None = None) -> list[SweepStatus]:
     parents = run_records(tracking_uri, experiment, role="sweep")
@@ -105,7 +114,7 @@ def sweep_status(tracking_uri: str | None, experiment: str,
         gone = driver_gone(parent)
         entry = SweepStatus(name, INTERRUPTED if gone else parent.status,
                             int(parent.params.get("trials", 0)), search=search,
-                            spec=parent.params.get("spec"))
+                            resume=resume_command(parent))
         for run in run_records(tracking_uri, experiment, sweep=name, peaks=PROGRESS_METRICS):
             stopped = run.tags.get(STOPPED_EARLY_TAG)
             state = ("STOPPED-EARLY" if stopped else

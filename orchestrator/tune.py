@@ -432,8 +432,10 @@ def search_summary(sweep: Sweep, results) -> dict:
     outcomes, running = {}, set()
     for result in results:
         key, metrics = result.config["trial"], result.metrics or {}
-        if result.error is not None or metrics.get(EVENT) == DIVERGED:
-            outcomes[key] = Outcome(FAILED)
+        if metrics.get(EVENT) == DIVERGED:
+            outcomes[key] = Outcome(FAILED, reason=str(metrics.get(ERROR, DIVERGED)))
+        elif result.error is not None:
+            outcomes[key] = Outcome(FAILED, reason="the trial failed (after its retries)")
         elif metrics.get(EVENT) == FINAL:
             outcomes[key] = Outcome(FINISHED, metrics_of(metrics).get("test_accuracy"))
         elif metrics.get(EVENT) == EVAL:

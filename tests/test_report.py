@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.report import build_report
 from orchestrator.runs import ReportError, gather_runs
-from orchestrator.store import KEY_TAG, PARENT_TAG, ROLE_TAG, STOPPED_EARLY_TAG, SWEEP_TAG
+from orchestrator.store import (ERROR_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG, STOPPED_EARLY_TAG,
+                               SWEEP_TAG)
 
 runner = CliRunner()
 
@@ -620,19 +621,22 @@ def test_every_podd_row_shows_its_gain_over_the_control_of_its_own_cut(store):
     assert all(r["baseline_run_ids"] for r in podd.values())
     assert all(len(r["control_run_ids"]) == 2 for k, r in podd.items() if k[0] == "16x6")
 
-@pytest.mark.parametrize("failure", ["stopped-early", "nan"])
+@pytest.mark.parametrize("failure", ["stopped-early", "nan", "diverged"])
 def test_a_configuration_with_a_failed_seed_fails_on_the_seeds_that_survived(store, failure):
-    """A seed a search stopped early (below the baseline's curve) or one whose accuracy is NaN
-    is not a seed to forget: averaging the survivors averages the lucky ones. The search
-    counts such a configuration failing; so does the report."""
+    """A seed a search stopped early (below the baseline's curve), one whose accuracy is NaN
+    or one that diverged is not a seed to forget: averaging the survivors averages the lucky
+    ones. The search counts such a configuration failing; so does the report."""
     from orchestrator.report_output import judged_rows
 
     fill(store, {0.7: [0.35, 0.36]}, baseline=(0.30, 0.31))
     if failure == "stopped-early":
         lost = store(method="podd", ipc=0.5, seed=0, accuracy=0.10, status="KILLED")
         store.client.set_tag(lost, STOPPED_EARLY_TAG, "below the baseline's curve at step 40")
-    else:
+    elif failure == "nan":
         lost = store(method="podd", ipc=0.5, seed=0, accuracy=float("nan"))
+    else:  # as the recorder ends a trial whose loss went NaN
+        lost = store(method="podd", ipc=0.5, seed=0, accuracy=0.10, status="FAILED")
+        store.client.set_tag(lost, ERROR_TAG, "diverged, stopped: loss is nan at step 12")
     for seed, acc in ((1, 0.32), (2, 0.33)):
         store(method="podd", ipc=0.5, seed=seed, accuracy=acc)
     for seed, acc in enumerate([0.31, 0.315]):  # another cut at 0.5 IPC, every seed finished
@@ -688,3 +692,22 @@ def test_runs_of_other_code_or_hardware_are_compared_and_named(store):
     as_json = runner.invoke(app, ["report", "--tracking-uri", store.uri, "--format", "json"])
     (schedule,) = json.loads(as_json.stdout)["datasets"][0]["schedules"]
     assert schedule["mixed_provenance"]["device_used"][1] == "cpu"
+
+
+def test_where_selects_failed_seeds_as_it_selects_runs(store):
+    """A seed that failed in another sweep is not one of the runs `--where sweep=...` asks
+    about; a crash (FAILED, not diverged) is the machinery's and fails nothing."""
+    fill(store, {}, baseline=(0.30, 0.31))
+    for seed, acc in ((1, 0.32), (2, 0.33)):
+        store(method="podd", ipc=0.5, seed=seed, accuracy=acc)
+    other = store(method="podd", ipc=0.5, seed=0, accuracy=float("nan"), sweep="other")
+    crashed = store(method="podd", ipc=0.5, seed=3, accuracy=0.10, status="FAILED")
+    store.client.set_tag(crashed, ERROR_TAG, "RuntimeError: out of memory")
+    gathered = gather_runs(store.uri, "podd-sweep")
+    everything = build_report(gathered, "cifar10").verdict.per_ipc[0]
+    assert everything.passes is False and "1 seed(s) failed" in everything.configuration
+    (mine,) = build_report(gathered, "cifar10", where={"sweep": "s"}).verdict.per_ipc
+    assert mine.passes is True and "failed" not in mine.configuration
+    assert gathered.failed_seeds("cifar10", {"sweep": "other"}) != {}
+    assert other in sum(gathered.failed_seeds("cifar10").values(), [])
+    assert crashed not in sum(gathered.failed_seeds("cifar10").values(), [])

@@ -142,6 +142,9 @@ def test_early_stopped_and_failed_trials():
     plan = make_plan(prob, stopped)
     assert plan.probes[0].state == "fail"  # an early stop is a fail: no seed added for it
     assert not any(k.startswith("p0.6") for k in plan.to_run)
+    diverged = {**baseline, "p0.6-16x6-0": Outcome(FAILED, reason="diverged, stopped: nan"),
+                **{f"p0.6-16x6-{s}": Outcome(FINISHED, 0.6) for s in SEEDS[1:]}}
+    assert make_plan(prob, diverged).probes[0].state == "fail"  # as the report judges it
     crashed = {**baseline, **{f"p0.6-16x6-{s}": Outcome(FAILED) for s in SEEDS}}
     plan = make_plan(prob, crashed)
     assert plan.probes[0].state == "unjudgeable" and "cannot be judged" in plan.notes[0]

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sqlite3
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from orchestrator.tune import SWEEP_STATE, launch, write_sweep_state
 from podd_engine import fileio
 from podd_engine.artifact import load_artifact
 from podd_engine.data import create_dataset
-from podd_engine.provenance import engine_revision
+from podd_engine.provenance import ENGINE_REVISION
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 runner = CliRunner()
@@ -76,7 +77,8 @@ def test_mini_sweep_end_to_end_is_recorded_in_mlflow(tmp_path):
         assert (int(params["poster_height"]), int(params["poster_width"])) == trial.poster_size
         assert params["embedder_used"] == "none" and params["width"] == "8"
         # where it came from (this checkout's commit), on what
-        assert params["engine_revision"] == engine_revision()
+        assert params["engine_revision"] == ENGINE_REVISION  # this checkout's code
+        assert ENGINE_REVISION.startswith(f"{version('podd-sweep')}+code.")
         assert (params["device_used"], params["torch_version"]) == ("cpu", torch.__version__)
         assert steps(client, run) == [2, 3, 5, 6]  # every log_every=2 steps and checkpoints
         accuracy = run.data.metrics["test_accuracy"]

@@ -362,7 +362,8 @@ def test_a_sweep_whose_driver_is_gone_shows_interrupted_and_how_to_resume(tmp_pa
     storage.mkdir()
     recorder = SweepRecorder(f"sqlite:///{tmp_path / 'mlflow.db'}", "podd-sweep", "rec")
     recorder.open_sweep(spec_text=spec.read_text(), fingerprint="f", trials=len(trials),
-                        params={"spec": str(spec), "storage": str(storage / "rec")})
+                        params={"spec": str(spec), "storage": str(storage / "rec"),
+                                "overrides": "seeds=[0] settings.steps=4"})
     recorder.trial_started(trials[0])
     recorder.trial_result(trials[0].key, report(STEP, 4, {"loss": 1.0}))
     recorder.trial_started(trials[1])
@@ -376,7 +377,7 @@ def test_a_sweep_whose_driver_is_gone_shows_interrupted_and_how_to_resume(tmp_pa
 
     gone = states()  # nothing holds the lock: the driver died without closing its runs
     assert "sweep rec (interrupted)" in gone and "INTERRUPTED" in gone and "FINISHED" in gone
-    assert f"podd-sweep launch {spec}" in " ".join(gone.split())
+    assert f"`podd-sweep launch {spec} seeds=[0] settings.steps=4`" in " ".join(gone.split())
     lock = DriverLock(storage, "rec")
     lock.acquire()
     try:
