@@ -90,7 +90,7 @@ def report_command(
                 path = out.plot_report(r, out.plot_path(plot, r.dataset, len(reports) > 1))
                 plots[r.dataset] = path
                 out.log_plot_to_sweeps(tracking_uri, experiment, r, path)
-    for reason in (rp.RUNNING, rp.NAN_ACCURACY, rp.INCOMPLETE, rp.STOPPED_EARLY, rp.DIVERGED):
+    for reason in rp.LEFT_OUT_REASONS:
         if ids := gathered.left_out_ids(reason):
             err_console.print(f"note: {describe_left_out(ids, reason)}", highlight=False,
                               soft_wrap=True)

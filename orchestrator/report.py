@@ -27,10 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.runs import (DIVERGED, INCOMPLETE, NAN_ACCURACY, PROVENANCE,  # noqa: F401
-                               RUNNING, STOPPED_EARLY, UNRECORDED, Gathered, ReportError, differing_settings,
-                               display_value, finite_or_none, mixed_provenance, numbers_first,
-                               select_where)
+from orchestrator.runs import (DIVERGED, INCOMPLETE, LEFT_OUT_REASONS,  # noqa: F401
+                               NAN_ACCURACY, PROVENANCE, RUNNING, STOPPED_EARLY, UNRECORDED,
+                               Gathered, ReportError, differing_settings, display_value,
+                               finite_or_none, mixed_provenance, numbers_first, select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
@@ -93,8 +93,8 @@ def aggregate(runs: pa.Table) -> pa.Table:
 
 def with_failed_seeds(table: pa.Table, failed: dict[tuple, list[str]]) -> pa.Table:
     """`table` (aggregated) with each configuration's failed seeds (`failed_run_ids`: runs a
-    search stopped early or whose accuracy is NaN): such a configuration cannot pass on the
-    seeds that survived."""
+    search stopped early, that diverged or whose accuracy is NaN): such a configuration cannot
+    pass on the seeds that survived."""
     keys = _keys(table, ["dataset", "method", "ipc", "settings"])
     return table.append_column("failed_run_ids", pa.array([failed.get(k, []) for k in keys],
                                                           pa.list_(pa.string())))
@@ -205,7 +205,7 @@ def configuration_label(row: dict, extra_axes: tuple[str, ...] = ()) -> str:
     parts.append(f"{row['labels']} labels")
     parts += [f"{k} {display_value(settings[k])}" for k in extra_axes if k in settings]
     if failed := row.get("failed_run_ids"):
-        parts.append(f"{len(failed)} seed(s) failed: stopped early or NaN")
+        parts.append(f"{len(failed)} seed(s) failed: stopped early, diverged or NaN")
     return ", ".join(parts)
 
 
@@ -420,8 +420,7 @@ def build_report(gathered: Gathered, dataset: str, *, baseline: str = "measured"
                                           chosen, verdict,
                                           table.take(pa.array(rows, type=pa.int64())),
                                           mixed_provenance(origins, compared)))
-    left_out = {reason: ids for reason in (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY,
-                                           DIVERGED)
+    left_out = {reason: ids for reason in LEFT_OUT_REASONS
                 if (ids := gathered.left_out_ids(reason, dataset))}
     return DatasetReport(dataset, family, criterion, budget, reports, differing, runs, left_out,
                          repeated_seed_runs(runs))

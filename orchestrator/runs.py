@@ -43,6 +43,7 @@ STOPPED_EARLY = "stopped-early"  # a search stopped it below the baseline's curv
 # survivors would be the mean of the lucky ones), as a search counts it failing
 DIVERGED = "diverged"  # FAILED: its loss or poster went NaN/inf (the method failed that seed)
 FAILED_SEED_REASONS = (STOPPED_EARLY, NAN_ACCURACY, DIVERGED)
+LEFT_OUT_REASONS = (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY, DIVERGED)  # notes' order
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
 

@@ -49,7 +49,7 @@ def interval_to(row: dict, baseline: Baseline) -> Interval | None:
 def row_passes(row: dict, baseline: Baseline, criterion: str) -> bool | None:
     """Pass/fail of one configuration; None with too few runs (or, for `significant`, an
     interval that cannot be told). A configuration with a failed seed (stopped early by a
-    search, or NaN) fails, however its other seeds did."""
+    search, diverged, or NaN) fails, however its other seeds did."""
     if row.get("failed_run_ids"):
         return False
     if row["runs"] < MIN_RUNS:
