@@ -32,7 +32,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.protocol import DIVERGED
+from orchestrator.protocol import DIVERGED, FINAL
 from orchestrator.verdict import MIN_RUNS, Baseline, interval_to, row_passes
 
 SEARCHES = ("grid", "lowest-passing")
@@ -69,6 +69,43 @@ class Outcome:
     @classmethod
     def from_dict(cls, values: Mapping) -> "Outcome":
         return cls(values["state"], values.get("accuracy"), values.get("reason", ""))
+
+    @property
+    def fails_configuration(self) -> bool:
+        """Stopped early below the baseline's curve, diverged, or finished with a NaN test
+        accuracy: the method failed that seed, and no other seed can rescue its configuration
+        (the mean of the survivors would be the mean of the lucky ones; `report` judges it so
+        too). A crash is the machinery's, and fails nothing."""
+        return self.state == STOPPED_EARLY or (
+            self.state == FAILED and self.reason.startswith((DIVERGED, NAN_ACCURACY)))
+
+
+# Why a trial ended without an accuracy, where the trial itself did not say.
+CRASHED = "the trial failed (after its retries)"
+NO_ACCURACY = "finished without a test accuracy"
+NAN_ACCURACY = "finished with test accuracy NaN"
+
+
+def outcome_of(event: str | None, accuracy: float | None, *, crashed: bool = False,
+               error: str = "", stopped_early: str | None = None) -> Outcome | None:
+    """What became of a trial, from the last event it reported (`event`, with its test
+    `accuracy` and `error` line), whether Tune gave up on it (`crashed`), and why the search's
+    scheduler stopped it (`stopped_early`, None if it did not). None: it has not ended (a
+    Ctrl-C or `podd-sweep stop` ended it, and it resumes with the sweep). The searcher decides
+    as it goes and the launch's summary at the end: both ask this."""
+    if event == DIVERGED:  # first: the method's own failure, whatever Tune made of it after
+        return Outcome(FAILED, reason=error or DIVERGED)
+    if crashed:
+        return Outcome(FAILED, reason=CRASHED)
+    if event == FINAL:
+        if accuracy is None:
+            return Outcome(FAILED, reason=NO_ACCURACY)
+        if math.isnan(accuracy):
+            return Outcome(FAILED, reason=NAN_ACCURACY)
+        return Outcome(FINISHED, accuracy)
+    if stopped_early is not None:
+        return Outcome(STOPPED_EARLY, reason=stopped_early)
+    return None
 
 
 @dataclass(frozen=True)
@@ -197,9 +234,6 @@ def judge_configuration(problem: SearchProblem, ipc: float, configuration: str,
     done = [outcomes[c.key] for c in tried if c.key in outcomes]
     status.stopped_early = sum(o.state == STOPPED_EARLY for o in done)
     status.failed = sum(o.state == FAILED for o in done)
-    # a seed that diverged failed as the method, not as the machinery: like one stopped early,
-    # no other seed can rescue its configuration (the report judges it so too)
-    diverged = sum(o.state == FAILED and o.reason.startswith(DIVERGED) for o in done)
     accuracies = [o.accuracy for o in done if o.state == FINISHED]
     status.runs = len(accuracies)
     if accuracies:
@@ -207,8 +241,7 @@ def judge_configuration(problem: SearchProblem, ipc: float, configuration: str,
     if any(c.key in running for c in tried) or baseline is None:
         return status  # RUNNING: wait for it (and for the baseline)
     seeds_left = len(tried) < len(problem.seeds)
-    if status.stopped_early or diverged:  # below the baseline's curve, or NaN: no seed can
-        # rescue it
+    if any(o.fails_configuration for o in done):
         status.state = FAIL
         return status
     if status.runs < MIN_RUNS:

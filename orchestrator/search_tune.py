@@ -20,9 +20,8 @@ import statistics
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator.protocol import DIVERGED, ERROR, EVAL, EVENT, FINAL, METRICS, STEP
-from orchestrator.search import (FAILED, FINISHED, STOPPED_EARLY, Outcome, Plan, SearchProblem,
-                                 make_plan)
+from orchestrator.protocol import ERROR, EVAL, EVENT, METRICS, STEP
+from orchestrator.search import Outcome, Plan, SearchProblem, make_plan, outcome_of
 from orchestrator.verdict import MIN_RUNS
 
 SEARCH_EVENT = "search_progress"  # the record writer's event: the plan, on the parent run
@@ -87,19 +86,12 @@ class LowestPassingSearcher(Searcher):
         key = self.handed.get(trial_id)
         if key is None:
             return
-        event = (result or {}).get(EVENT)
-        if error:
-            outcome = Outcome(FAILED, reason="the trial failed (after its retries)")
-        elif event == FINAL:
-            outcome = Outcome(FINISHED, _metric(result, "test_accuracy"))
-        elif event == DIVERGED:
-            outcome = Outcome(FAILED, reason=str(result.get(ERROR, "diverged")))
-        elif key in self.stop_reasons:
-            outcome = Outcome(STOPPED_EARLY, reason=self.stop_reasons[key])
-        else:  # ended by a Ctrl-C or a stop: it resumes with the sweep, and is still running
+        result = result or {}
+        outcome = outcome_of(result.get(EVENT), _metric(result, "test_accuracy"), crashed=error,
+                             error=str(result.get(ERROR, "")),
+                             stopped_early=self.stop_reasons.get(key))
+        if outcome is None:  # ended by a Ctrl-C or a stop: it resumes with the sweep
             return
-        if outcome.state == FINISHED and outcome.accuracy is None:
-            outcome = Outcome(FAILED, reason="finished without a test accuracy")
         self.outcomes[key] = outcome
         self._changed()
         self.publish()

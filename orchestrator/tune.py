@@ -426,22 +426,24 @@ def _collect(outcome: SweepOutcome, results, names: TrialNames, searching: bool 
 
 def search_summary(sweep: Sweep, results) -> dict:
     """The search's plans from what Tune's results say became of each trial it ran."""
-    from orchestrator.search import FAILED, FINISHED, STOPPED_EARLY, Outcome, make_plan
+    from orchestrator.search import make_plan, outcome_of
     from orchestrator.search_record import compact
 
     outcomes, running = {}, set()
     for result in results:
         key, metrics = result.config["trial"], result.metrics or {}
-        if metrics.get(EVENT) == DIVERGED:
-            outcomes[key] = Outcome(FAILED, reason=str(metrics.get(ERROR, DIVERGED)))
-        elif result.error is not None:
-            outcomes[key] = Outcome(FAILED, reason="the trial failed (after its retries)")
-        elif metrics.get(EVENT) == FINAL:
-            outcomes[key] = Outcome(FINISHED, metrics_of(metrics).get("test_accuracy"))
-        elif metrics.get(EVENT) == EVAL:
-            outcomes[key] = Outcome(STOPPED_EARLY)
-        else:
+        event = metrics.get(EVENT)
+        accuracy = metrics_of(metrics).get("test_accuracy")
+        # fit() has returned: a trial whose last word was an evaluation was stopped there by
+        # the search's scheduler (one ended by a stop or Ctrl-C said STOPPED)
+        outcome = outcome_of(event, None if accuracy is None else float(accuracy),
+                             crashed=result.error is not None,
+                             error=str(metrics.get(ERROR, "")),
+                             stopped_early="" if event == EVAL else None)
+        if outcome is None:
             running.add(key)
+        else:
+            outcomes[key] = outcome
     spec = sweep.spec
     return {"criterion": spec.criterion, "searches": [
         compact({"label": problem.label, "dataset": problem.dataset,

@@ -199,3 +199,68 @@ def test_the_sweeps_searches_and_the_axes_a_search_holds():
     with pytest.raises(SearchSpecError, match="needs the baseline at every schedule"):
         search_problems([t for t in trials if t.config.steps == 200 or
                          t.config.method == "podd"], [0, 1])
+
+
+def test_the_searcher_and_the_launchs_summary_decide_alike():
+    """What became of a trial is decided by one rule (`search.outcome_of`) as the search goes
+    (the Tune searcher, on Tune's calls) and at its end (the launch's summary, from Tune's
+    `Result`s): a NaN accuracy or a divergence fails the configuration, a crash fails nothing,
+    an evaluation the scheduler stopped the trial at is an early stop, and a trial a stop or
+    Ctrl-C ended is still running."""
+    import math
+
+    from ray.tune import Result
+
+    from orchestrator.protocol import CHECKPOINT, DIVERGED, ERROR, EVAL, FINAL, STOPPED, report
+    from orchestrator.search import CRASHED, NAN_ACCURACY, NO_ACCURACY
+    from orchestrator.search_tune import LowestPassingSearcher
+    from orchestrator.sweep import load_sweep
+    from orchestrator.tune import search_summary
+
+    sweep = load_sweep("sweeps/ipc_search_digits.yaml")
+    (prob,) = sweep.search_problems()
+    ipc, other = prob.ipcs[len(prob.ipcs) // 2], prob.ipcs[-1]
+    posters = [c.key for c in prob.posters if c.ipc == ipc]  # seeds 0, 1, 2
+    others = [c.key for c in prob.posters if c.ipc == other]
+    last_words = {  # key -> (the trial's last report, Tune's error, what became of it)
+        prob.baseline[0].key: (report(FINAL, 100, {"test_accuracy": 0.80}), None, FINISHED),
+        prob.baseline[1].key: (report(FINAL, 100, {"test_accuracy": 0.81}), None, FINISHED),
+        prob.baseline[2].key: (report(FINAL, 100, {}), None, NO_ACCURACY),
+        # two seeds far above the baseline: the NaN one alone fails their configuration
+        posters[0]: (report(FINAL, 100, {"test_accuracy": math.nan}), None, NAN_ACCURACY),
+        posters[1]: (report(FINAL, 100, {"test_accuracy": 0.99}), None, FINISHED),
+        posters[2]: (report(FINAL, 100, {"test_accuracy": 0.98}), None, FINISHED),
+        others[0]: (report(DIVERGED, 40, **{ERROR: "diverged, stopped: nan loss"}),
+                    RuntimeError("and then it crashed"), "diverged, stopped: nan loss"),
+        others[1]: (report(CHECKPOINT, 25), RuntimeError("worker died"), CRASHED),
+        others[2]: (report(FINAL, 100, {"test_accuracy": 0.99}), None, FINISHED),
+    }
+    stopped, interrupted = [c.key for c in prob.posters if c.ipc not in (ipc, other)][:2]
+    last_words[stopped] = (report(EVAL, 50, {"test_accuracy": 0.1}), None, STOPPED_EARLY)
+    last_words[interrupted] = (report(STOPPED, 60), None, None)
+
+    searcher = LowestPassingSearcher([prob])
+    for i, (key, (last, error, _)) in enumerate(last_words.items()):
+        searcher.handed[str(i)] = key
+        if key == stopped:
+            searcher.stop_reasons[key] = "stopped early at outer step 50"
+        searcher.on_trial_complete(str(i), last, error=error is not None)
+    results = [Result(metrics={**last, "config": {"trial": key}}, checkpoint=None, error=error,
+                      path="") for key, (last, error, _) in last_words.items()]
+    (summary,) = search_summary(sweep, results)["searches"]
+    (live,) = searcher.summary()["searches"]
+
+    for key, (_, _, became) in last_words.items():
+        outcome = searcher.outcomes.get(key)
+        if became is None:
+            assert outcome is None, key  # it resumes with the sweep
+        elif became in (FINISHED, STOPPED_EARLY):
+            assert outcome.state == became, key
+        else:
+            assert (outcome.state, outcome.reason) == (FAILED, became), key
+    assert searcher.outcomes[prob.baseline[0].key].accuracy == 0.80
+    probes = {p["ipc"]: p for p in live["probes"]}
+    assert probes[ipc]["state"] == "fail" and probes[ipc]["failed"] == 1  # on its NaN seed
+    assert probes[other]["state"] == "fail" and probes[other]["failed"] == 2  # on the diverged
+    assert live["baseline"]["runs"] == 2  # the seed without an accuracy is not the baseline's
+    assert summary == compact({"label": prob.label, "dataset": prob.dataset, **live})
