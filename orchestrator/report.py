@@ -27,10 +27,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from orchestrator.runs import (DIVERGED, INCOMPLETE, LEFT_OUT_REASONS,  # noqa: F401
-                               NAN_ACCURACY, PROVENANCE, RUNNING, STOPPED_EARLY, UNRECORDED,
-                               Gathered, ReportError, differing_settings, display_value,
-                               finite_or_none, mixed_provenance, numbers_first, select_where)
+from orchestrator.runs import (DIVERGED, FAILED_SEED_KEY, INCOMPLETE,  # noqa: F401
+                               LEFT_OUT_REASONS, NAN_ACCURACY, PROVENANCE, RUNNING,
+                               STOPPED_EARLY, UNRECORDED, Gathered, ReportError,
+                               differing_settings, display_value, finite_or_none,
+                               mixed_provenance, numbers_first, select_where)
 from orchestrator.verdict import (CRITERIA, EXIT_CODES, MIN_RUNS, NO_BASELINE, NONE_PASSES,  # noqa: F401
                                   PASS, TIE, TOO_FEW_RUNS, Baseline, IpcResult, Verdict,
                                   best_row, decide, exit_code, interval_to,
@@ -95,7 +96,7 @@ def with_failed_seeds(table: pa.Table, failed: dict[tuple, list[str]]) -> pa.Tab
     """`table` (aggregated) with each configuration's failed seeds (`failed_run_ids`: runs a
     search stopped early, that diverged or whose accuracy is NaN): such a configuration cannot
     pass on the seeds that survived."""
-    keys = _keys(table, ["dataset", "method", "ipc", "settings"])
+    keys = _keys(table, list(FAILED_SEED_KEY))
     return table.append_column("failed_run_ids", pa.array([failed.get(k, []) for k in keys],
                                                           pa.list_(pa.string())))
 

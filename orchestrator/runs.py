@@ -43,6 +43,9 @@ STOPPED_EARLY = "stopped-early"  # a search stopped it below the baseline's curv
 # survivors would be the mean of the lucky ones), as a search counts it failing
 DIVERGED = "diverged"  # FAILED: its loss or poster went NaN/inf (the method failed that seed)
 FAILED_SEED_REASONS = (STOPPED_EARLY, NAN_ACCURACY, DIVERGED)
+# the table columns that name the configuration a failed seed fails (the report keys its rows
+# by the same columns, so a failed seed meets its configuration's row)
+FAILED_SEED_KEY = ("dataset", "method", "ipc", "settings")
 LEFT_OUT_REASONS = (RUNNING, NAN_ACCURACY, INCOMPLETE, STOPPED_EARLY, DIVERGED)  # notes' order
 REQUIRED_PARAMS = {"method", "ipc", "poster_pixels"}  # logged once a trial has its poster
 
@@ -163,9 +166,9 @@ def _failed_seed(run: RunRecord, reason: str) -> LeftOut:
     dataset, method, ipc and settings; None when its params do not say) and its sweep and
     seed."""
     try:
-        configuration = (_run_dataset(run)[0], run.params["method"],
-                         float(run.params["ipc"]), as_json(run_settings(run.params)))
-        seed = int(run.params.get("seed", 0))
+        row = {"dataset": _run_dataset(run)[0], "method": run.params["method"],
+               "ipc": float(run.params["ipc"]), "settings": as_json(run_settings(run.params))}
+        configuration, seed = tuple(row[c] for c in FAILED_SEED_KEY), int(run.params.get("seed", 0))
     except (KeyError, ValueError):
         configuration, seed = None, None
     return LeftOut(run.run_id, *_run_dataset(run), reason, configuration,
@@ -191,7 +194,7 @@ class LeftOut:
     dataset: str
     dataset_source: str
     reason: str
-    configuration: tuple | None = None  # a failed seed's (family, method, ipc, settings)
+    configuration: tuple | None = None  # a failed seed's FAILED_SEED_KEY values
     sweep: str = ""  # what --where can select a failed seed by, as a table row's
     seed: int | None = None
 
@@ -211,13 +214,14 @@ class Gathered:
 
     def failed_seeds(self, dataset: str,
                      where: dict[str, str] | None = None) -> dict[tuple, list[str]]:
-        """{(family, method, ipc, settings): run ids} of the seeds of data set `dataset` that
-        failed (FAILED_SEED_REASONS) and that `where` selects, by their configuration."""
+        """{FAILED_SEED_KEY values: run ids} of the seeds of data set `dataset` that failed
+        (FAILED_SEED_REASONS) and that `where` selects, by their configuration."""
         out: dict[tuple, list[str]] = {}
+        settings = FAILED_SEED_KEY.index("settings")
         for r in self.left_out:
             if (r.reason in FAILED_SEED_REASONS and r.configuration is not None
                     and dataset in (r.dataset, r.dataset_source)
-                    and matches_where(json.loads(r.configuration[3]),
+                    and matches_where(json.loads(r.configuration[settings]),
                                       {"sweep": r.sweep, "seed": r.seed}, where or {})):
                 out.setdefault(r.configuration, []).append(r.run_id)
         return out
