@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.search import (FINISHED, Candidate, Outcome, SearchProblem,  # noqa: E402
-                                 make_plan)
+from orchestrator.search import Candidate, SearchProblem, make_plan  # noqa: E402
+from orchestrator.trial_outcome import FINISHED, Outcome  # noqa: E402
 from orchestrator.verdict import Baseline, row_passes  # noqa: E402
 
 

@@ -32,13 +32,11 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.protocol import DIVERGED, FINAL
+from orchestrator.trial_outcome import FAILED, FINISHED, STOPPED_EARLY, Outcome
 from orchestrator.verdict import MIN_RUNS, Baseline, interval_to, row_passes
 
 SEARCHES = ("grid", "lowest-passing")
 
-# What became of a trial.
-FINISHED, STOPPED_EARLY, FAILED = "finished", "stopped-early", "failed"
 # What is known of a configuration, or of an IPC.
 PASS, FAIL, UNJUDGEABLE = "pass", "fail", "unjudgeable"
 NEEDS_SEED, RUNNING, UNPROBED = "needs-seed", "running", "unprobed"
@@ -53,59 +51,6 @@ class Candidate:
     ipc: float
     configuration: str  # what sets a poster apart at its IPC (patch grid, order, labels...)
     seed: int
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a trial: its final test accuracy, or why it has none."""
-
-    state: str  # FINISHED | STOPPED_EARLY | FAILED
-    accuracy: float | None = None
-    reason: str = ""
-
-    def to_dict(self) -> dict:
-        return {"state": self.state, "accuracy": self.accuracy, "reason": self.reason}
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> "Outcome":
-        return cls(values["state"], values.get("accuracy"), values.get("reason", ""))
-
-    @property
-    def fails_configuration(self) -> bool:
-        """Stopped early below the baseline's curve, diverged, or finished with a NaN test
-        accuracy: the method failed that seed, and no other seed can rescue its configuration
-        (the mean of the survivors would be the mean of the lucky ones; `report` judges it so
-        too). A crash is the machinery's, and fails nothing."""
-        return self.state == STOPPED_EARLY or (
-            self.state == FAILED and self.reason.startswith((DIVERGED, NAN_ACCURACY)))
-
-
-# Why a trial ended without an accuracy, where the trial itself did not say.
-CRASHED = "the trial failed (after its retries)"
-NO_ACCURACY = "finished without a test accuracy"
-NAN_ACCURACY = "finished with test accuracy NaN"
-
-
-def outcome_of(event: str | None, accuracy: float | None, *, crashed: bool = False,
-               error: str = "", stopped_early: str | None = None) -> Outcome | None:
-    """What became of a trial, from the last event it reported (`event`, with its test
-    `accuracy` and `error` line), whether Tune gave up on it (`crashed`), and why the search's
-    scheduler stopped it (`stopped_early`, None if it did not). None: it has not ended (a
-    Ctrl-C or `podd-sweep stop` ended it, and it resumes with the sweep). The searcher decides
-    as it goes and the launch's summary at the end: both ask this."""
-    if event == DIVERGED:  # first: the method's own failure, whatever Tune made of it after
-        return Outcome(FAILED, reason=error or DIVERGED)
-    if crashed:
-        return Outcome(FAILED, reason=CRASHED)
-    if event == FINAL:
-        if accuracy is None:
-            return Outcome(FAILED, reason=NO_ACCURACY)
-        if math.isnan(accuracy):
-            return Outcome(FAILED, reason=NAN_ACCURACY)
-        return Outcome(FINISHED, accuracy)
-    if stopped_early is not None:
-        return Outcome(STOPPED_EARLY, reason=stopped_early)
-    return None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ import statistics
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator.protocol import ERROR, EVAL, EVENT, METRICS, STEP
-from orchestrator.search import Outcome, Plan, SearchProblem, make_plan, outcome_of
+from orchestrator.protocol import ERROR, EVAL, EVENT, METRICS, STEP, metrics_of
+from orchestrator.search import Plan, SearchProblem, make_plan
+from orchestrator.search_record import compact
+from orchestrator.trial_outcome import Outcome, outcome_of
 from orchestrator.verdict import MIN_RUNS
 
 SEARCH_EVENT = "search_progress"  # the record writer's event: the plan, on the parent run
@@ -178,3 +180,28 @@ class EarlyStopAgainstBaseline(FIFOScheduler):
         if self.searcher.writer is not None:
             self.searcher.writer.submit("trial_stopped_early", key, reason)
         return TrialScheduler.STOP
+
+
+def search_summary(sweep, results) -> dict:
+    """The search's plans from what Tune's results (`tuner.fit()`'s) say became of each trial
+    it ran: what the launch prints at its end."""
+    outcomes, running = {}, set()
+    for result in results:
+        key, metrics = result.config["trial"], result.metrics or {}
+        event, accuracy = metrics.get(EVENT), metrics_of(metrics).get("test_accuracy")
+        # fit() has returned: a trial whose last word was an evaluation was stopped there by
+        # the search's scheduler (one ended by a stop or Ctrl-C said STOPPED)
+        outcome = outcome_of(event, None if accuracy is None else float(accuracy),
+                             crashed=result.error is not None,
+                             error=str(metrics.get(ERROR, "")),
+                             stopped_early="" if event == EVAL else None)
+        if outcome is None:
+            running.add(key)
+        else:
+            outcomes[key] = outcome
+    spec = sweep.spec
+    return {"criterion": spec.criterion, "searches": [
+        compact({"label": problem.label, "dataset": problem.dataset,
+                 **make_plan(problem, outcomes, running & set(problem.keys), spec.criterion,
+                             spec.parallel_probes).summary()})
+        for problem in sweep.search_problems()]}

@@ -282,6 +282,7 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
             results = tuner.fit()
         _collect(outcome, results, names, searching=sweep.spec.search != "grid")
         if sweep.spec.search != "grid":
+            from orchestrator.search_tune import search_summary
             outcome.search = search_summary(sweep, results)
         status = "FAILED" if outcome.failed else ("KILLED" if outcome.unfinished else "FINISHED")
     except BaseException:
@@ -422,31 +423,3 @@ def _collect(outcome: SweepOutcome, results, names: TrialNames, searching: bool 
             outcome.states[name] = "STOPPED-EARLY"
         else:
             outcome.states[name] = "UNFINISHED"
-
-
-def search_summary(sweep: Sweep, results) -> dict:
-    """The search's plans from what Tune's results say became of each trial it ran."""
-    from orchestrator.search import make_plan, outcome_of
-    from orchestrator.search_record import compact
-
-    outcomes, running = {}, set()
-    for result in results:
-        key, metrics = result.config["trial"], result.metrics or {}
-        event = metrics.get(EVENT)
-        accuracy = metrics_of(metrics).get("test_accuracy")
-        # fit() has returned: a trial whose last word was an evaluation was stopped there by
-        # the search's scheduler (one ended by a stop or Ctrl-C said STOPPED)
-        outcome = outcome_of(event, None if accuracy is None else float(accuracy),
-                             crashed=result.error is not None,
-                             error=str(metrics.get(ERROR, "")),
-                             stopped_early="" if event == EVAL else None)
-        if outcome is None:
-            running.add(key)
-        else:
-            outcomes[key] = outcome
-    spec = sweep.spec
-    return {"criterion": spec.criterion, "searches": [
-        compact({"label": problem.label, "dataset": problem.dataset,
-                 **make_plan(problem, outcomes, running & set(problem.keys), spec.criterion,
-                             spec.parallel_probes).summary()})
-        for problem in sweep.search_problems()]}

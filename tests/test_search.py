@@ -7,10 +7,10 @@ import statistics
 
 import pytest
 
-from orchestrator.search import (ANSWER_NONE, ANSWER_PASS, FAILED, FINISHED, OPEN,
-                                 STOPPED_EARLY, Candidate, Outcome, SearchProblem, make_plan,
-                                 search_cost)
+from orchestrator.search import (ANSWER_NONE, ANSWER_PASS, OPEN, Candidate, SearchProblem,
+                                 make_plan, search_cost)
 from orchestrator.search_record import compact, describe
+from orchestrator.trial_outcome import FAILED, FINISHED, STOPPED_EARLY, Outcome
 from orchestrator.verdict import Baseline, row_passes
 
 IPCS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -212,10 +212,9 @@ def test_the_searcher_and_the_launchs_summary_decide_alike():
     from ray.tune import Result
 
     from orchestrator.protocol import CHECKPOINT, DIVERGED, ERROR, EVAL, FINAL, STOPPED, report
-    from orchestrator.search import CRASHED, NAN_ACCURACY, NO_ACCURACY
-    from orchestrator.search_tune import LowestPassingSearcher
+    from orchestrator.trial_outcome import CRASHED, NAN_ACCURACY, NO_ACCURACY
+    from orchestrator.search_tune import LowestPassingSearcher, search_summary
     from orchestrator.sweep import load_sweep
-    from orchestrator.tune import search_summary
 
     sweep = load_sweep("sweeps/ipc_search_digits.yaml")
     (prob,) = sweep.search_problems()

@@ -15,8 +15,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.search import FINISHED, Outcome, make_plan
+from orchestrator.search import make_plan
 from orchestrator.sweep import load_sweep
+from orchestrator.trial_outcome import FINISHED, Outcome
 from orchestrator.tune import launch
 from podd_engine.data import create_dataset
 
