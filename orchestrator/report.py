@@ -256,7 +256,8 @@ class ScheduleReport:
     baseline: Baseline | None
     verdict: Verdict
     groups: pa.Table  # its PoDD configurations, its baselines and the controls that match it
-    # where its runs differ in the code, torch build or device they ran on (runs.PROVENANCE)
+    # where its runs differ in the code, torch build or device they ran on, or in the data
+    # they read (runs.PROVENANCE)
     mixed_provenance: dict[str, list[str]] = field(default_factory=dict)
 
 

@@ -88,7 +88,8 @@ def print_report(console: Console, report: DatasetReport) -> None:
         console.print(f"[bold]verdict:[/] {escape(schedule.verdict.message)}", highlight=False)
         if schedule.mixed_provenance:
             console.print(f"note: the runs compared here did not all run the same code or "
-                          f"hardware ({escape(describe_differences(schedule.mixed_provenance))})"
+                          f"hardware, or read the same data "
+                          f"({escape(describe_differences(schedule.mixed_provenance))})"
                           f": their differences are part of the comparison", highlight=False,
                           soft_wrap=True)
     for search in report.searches:

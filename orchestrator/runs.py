@@ -64,11 +64,12 @@ RUN_SCHEMA = pa.schema([
     ("storage_bytes", pa.int64()), ("ipc_by_bytes", pa.float64()), ("trial_key", pa.string()),
     ("settings", pa.string()),   # JSON: every result-changing setting but the seed
     ("schedule", pa.string()),   # JSON: the settings that are not the configuration
-    # where it came from (podd_engine/provenance.py): not settings, never split a schedule
+    # where it came from (podd_engine/provenance.py) and the data it read (its content hash):
+    # not settings, never split a schedule
     ("engine_revision", pa.string()), ("torch_version", pa.string()),
-    ("device_used", pa.string()),
+    ("device_used", pa.string()), ("data_hash", pa.string()),
 ])
-PROVENANCE = ("engine_revision", "torch_version", "device_used")
+PROVENANCE = ("engine_revision", "torch_version", "device_used", "data_hash")
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -317,9 +318,9 @@ def differing_settings(settings: list[dict[str, str]]) -> dict[str, list[str]]:
 
 
 def mixed_provenance(runs: list[dict], run_ids: set[str]) -> dict[str, list[str]]:
-    """{engine_revision | torch_version | device_used: its values} where the runs `run_ids`
-    (of `runs`: rows with run_id and PROVENANCE) did not all come from the same code, torch
-    build or device (a run older than the record: UNRECORDED)."""
+    """{engine_revision | torch_version | device_used | data_hash: its values} where the runs
+    `run_ids` (of `runs`: rows with run_id and PROVENANCE) did not all come from the same code,
+    torch build or device, or read the same data (a run older than the record: UNRECORDED)."""
     return differing_settings([{k: r[k] for k in PROVENANCE if r[k]} for r in runs
                                if r["run_id"] in run_ids])
 

@@ -3,8 +3,10 @@ loaded raises. Every reader (`podd_engine.readers`) returns an ImageDataset."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -61,6 +63,19 @@ class ImageDataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    @cached_property
+    def content_hash(self) -> str:
+        """What the data is, not where it was read from: SHA-256 (16 hex digits) of the class
+        names and the decoded train and test tensors, so two copies of a data set (another
+        folder, another file format) hash alike and an edited or damaged copy does not. About
+        0.1 s for CIFAR-10 on one core; computed once per data set object."""
+        h = hashlib.sha256("\0".join(self.class_names).encode())
+        for split in ("train_images", "train_labels", "test_images", "test_labels"):
+            tensor = getattr(self, split).contiguous()
+            h.update(f"\n{split} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            h.update(tensor.numpy())
+        return h.hexdigest()[:16]
 
     def summary(self) -> dict:
         return {"name": self.name, "family": self.family, "family_source": self.family_source,

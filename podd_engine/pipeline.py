@@ -67,6 +67,7 @@ class Trial:
         return {"method": self.config.method, "dataset": self.dataset.name,
                 "dataset_family": self.dataset.family,
                 "dataset_family_source": self.dataset.family_source,
+                "data_hash": self.dataset.content_hash,
                 "num_classes": self.dataset.num_classes, "channels": self.dataset.channels,
                 "image_size": "x".join(map(str, self.dataset.image_size)),
                 "requested_ipc": self.config.ipc, **self.geometry.summary(),

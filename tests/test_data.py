@@ -4,17 +4,20 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import tarfile
 import threading
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from datafiles import (random_images, write_cifar_folder, write_cub_folder, write_image_folder,
-                       write_parquet_dataset, write_tiny_imagenet_folder)
+from PIL import Image
+from datafiles import (png_bytes, random_images, write_cifar_folder, write_cub_folder,
+                       write_image_folder, write_parquet_dataset, write_tiny_imagenet_folder)
 
 from podd_engine import data, fileio
 from podd_engine.data import DatasetError, create_dataset
@@ -393,3 +396,29 @@ def test_every_path_to_the_same_data_finds_the_same_cache_entry(tmp_path, monkey
         assert torch.equal(again.train_images, first.train_images)
     assert cache_contents(cache)["datasets"][0] == 1
     assert clear_cache(cache)[0] == 1 and cache_contents(cache)["datasets"] == (0, 0)
+
+
+def test_the_content_hash_names_the_data_not_where_it_was_read(tmp_path):
+    """Two copies of a data set (other folders, decoded anew) hash alike; one changed pixel
+    or one renamed class does not (what runs record as `data_hash`)."""
+    import shutil
+
+    write_parquet_dataset(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    first = create_dataset(f"parquet:{tmp_path / 'a'}").content_hash
+    assert len(first) == 16 and int(first, 16) >= 0
+    assert create_dataset(f"parquet:{tmp_path / 'copy'}", use_cache=False).content_hash == first
+
+    shutil.copytree(tmp_path / "a", tmp_path / "pixel")
+    table = pq.read_table(tmp_path / "pixel" / "test.parquet")
+    image = np.array(Image.open(io.BytesIO(table.column("image")[0].as_py())))
+    image[0, 0, 0] ^= 1
+    images = [png_bytes(image)] + table.column("image").to_pylist()[1:]
+    pq.write_table(table.set_column(0, "image", pa.array(images, pa.binary())),
+                   tmp_path / "pixel" / "test.parquet")
+    assert create_dataset(f"parquet:{tmp_path / 'pixel'}").content_hash != first
+
+    shutil.copytree(tmp_path / "a", tmp_path / "renamed")
+    (tmp_path / "renamed" / "classes.json").write_text(
+        json.dumps({"name": "tiny", "classes": ["cat", "dog", "toad"]}))
+    assert create_dataset(f"parquet:{tmp_path / 'renamed'}").content_hash != first

@@ -665,10 +665,11 @@ def test_a_configuration_with_a_failed_seed_fails_on_the_seeds_that_survived(sto
 
 
 def test_runs_of_other_code_or_hardware_are_compared_and_named(store):
-    """Where a run came from (engine revision, torch build, device) is not a setting: runs
-    that differ only there share a schedule, and the report says that they differ."""
+    """Where a run came from (engine revision, torch build, device, the data's content hash)
+    is not a setting: runs that differ only there share a schedule, and the report says that
+    they differ."""
     here = {"engine_revision": "0.1.0+gaaaaaaaaaa", "torch_version": "2.14.1",
-            "device_used": "cpu"}
+            "device_used": "cpu", "data_hash": "45b10bbc7f186349"}
     for seed, acc in enumerate([0.40, 0.42]):
         store(method="rat-bptt", ipc=1.0, seed=seed, accuracy=acc, extra_params=here)
     for seed, acc in enumerate([0.42, 0.43]):
@@ -677,7 +678,7 @@ def test_runs_of_other_code_or_hardware_are_compared_and_named(store):
     assert alike.only().mixed_provenance == {}
 
     gpu = {**here, "device_used": "cuda (NVIDIA H100, TF32 convolutions)",
-           "engine_revision": "0.1.0+gbbbbbbbbbb"}
+           "engine_revision": "0.1.0+gbbbbbbbbbb", "data_hash": "0123456789abcdef"}
     store(method="podd", ipc=0.5, seed=2, accuracy=0.44, extra_params=gpu)
     store(method="podd", ipc=0.7, seed=0, accuracy=0.44)  # older than the record
     mixed = build_report(gather_runs(store.uri, "podd-sweep"), "cifar10")
@@ -685,10 +686,11 @@ def test_runs_of_other_code_or_hardware_are_compared_and_named(store):
     assert mixed.only().mixed_provenance == {
         "engine_revision": ["(unrecorded)", "0.1.0+gaaaaaaaaaa", "0.1.0+gbbbbbbbbbb"],
         "torch_version": ["(unrecorded)", "2.14.1"],
-        "device_used": ["(unrecorded)", "cpu", "cuda (NVIDIA H100, TF32 convolutions)"]}
+        "device_used": ["(unrecorded)", "cpu", "cuda (NVIDIA H100, TF32 convolutions)"],
+        "data_hash": ["(unrecorded)", "0123456789abcdef", "45b10bbc7f186349"]}
     table = runner.invoke(app, ["report", "--tracking-uri", store.uri])
-    assert "note: the runs compared here did not all run the same code or hardware" in \
-        " ".join(table.stdout.split())
+    assert ("note: the runs compared here did not all run the same code or hardware, or read "
+            "the same data") in " ".join(table.stdout.split())
     as_json = runner.invoke(app, ["report", "--tracking-uri", store.uri, "--format", "json"])
     (schedule,) = json.loads(as_json.stdout)["datasets"][0]["schedules"]
     assert schedule["mixed_provenance"]["device_used"][1] == "cpu"

@@ -80,6 +80,8 @@ def test_mini_sweep_end_to_end_is_recorded_in_mlflow(tmp_path):
         assert params["engine_revision"] == ENGINE_REVISION  # this checkout's code
         assert ENGINE_REVISION.startswith(f"{version('podd-sweep')}+code.")
         assert (params["device_used"], params["torch_version"]) == ("cpu", torch.__version__)
+        # and which data: the decoded data set's content, however it was reached
+        assert params["data_hash"] == create_dataset(trial.config.dataset).content_hash
         assert steps(client, run) == [2, 3, 5, 6]  # every log_every=2 steps and checkpoints
         accuracy = run.data.metrics["test_accuracy"]
         assert 0.0 <= accuracy <= 1.0 and "test_accuracy_std" in run.data.metrics
