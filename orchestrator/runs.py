@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from orchestrator.store import (DATASET_TAG, ERROR_TAG, KEY_TAG, STOPPED_EARLY_TAG, SWEEP_TAG,
-                                RunRecord, run_records)
+from orchestrator.store import (DATASET_TAG, ERROR_TAG, KEY_TAG, PROVENANCE,  # noqa: F401
+                                PROVENANCE_HISTORY_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, RunRecord,
+                                run_records)
 from podd_engine.config import LATE_SETTINGS, PLACEMENT, TrialConfig
 from podd_engine.errors import UserError
 from podd_engine.methods import CONFIGURATION_AXES, get_method
@@ -69,7 +70,6 @@ RUN_SCHEMA = pa.schema([
     ("engine_revision", pa.string()), ("torch_version", pa.string()),
     ("device_used", pa.string()), ("data_hash", pa.string()),
 ])
-PROVENANCE = ("engine_revision", "torch_version", "device_used", "data_hash")
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -158,8 +158,20 @@ def _run_row(run: RunRecord) -> dict:
         "ipc_by_bytes": storage / one_ipc if one_ipc else None,
         "trial_key": run.tags.get(KEY_TAG, ""),
         "settings": as_json(settings), "schedule": as_json(schedule_of(settings)),
-        **{key: params.get(key) for key in PROVENANCE},
+        **provenance_of(run),
     }
+
+
+def provenance_of(run: RunRecord) -> dict[str, str | None]:
+    """Where the run came from: its params, or, for a run whose resumed attempts ran other
+    code, torch, device or data, every value in order ('A then B')."""
+    try:
+        history = json.loads(run.tags.get(PROVENANCE_HISTORY_TAG) or "{}")
+    except ValueError:
+        history = {}
+    return {key: (" then ".join(v or UNRECORDED for v in history[key])
+                  if isinstance(history.get(key), list) else run.params.get(key))
+            for key in PROVENANCE}
 
 
 def _failed_seed(run: RunRecord, reason: str) -> LeftOut:

@@ -23,6 +23,11 @@ ERROR_TAG = "podd.error"        # why a trial failed
 DATASET_TAG = "podd.dataset"    # on trial runs from their start, before any param
 STOPPED_EARLY_TAG = "podd.stopped_early"  # why a search stopped a trial early (run KILLED)
 SEARCH_TAG = "podd.search"      # on a search's parent run: its progress and answer (JSON)
+# Where a trial run came from (params of its first attempt: podd_engine/provenance.py, and the
+# data's content hash), and, when a resumed attempt ran other code, torch, device or data, each
+# value in the order the attempts ran ("" for an attempt older than the record), as JSON
+PROVENANCE = ("engine_revision", "torch_version", "device_used", "data_hash")
+PROVENANCE_HISTORY_TAG = "podd.provenance_history"
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")

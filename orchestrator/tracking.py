@@ -25,9 +25,9 @@ from ray import tune
 from orchestrator.protocol import (ARTIFACT_DIR, ATTEMPT, DAMAGED_CHECKPOINTS, DIVERGED, ERROR,
                                    EVENT, INFO, POSTER_PNG, STEP, error_line, metrics_of)
 from orchestrator.sweep import PlannedTrial
-from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, ROLE_TAG,
-                                SEARCH_TAG, STOPPED_EARLY_TAG, SWEEP_TAG, TERMINAL,
-                                artifact_location, runs_filter, search_all)
+from orchestrator.store import (ERROR_TAG, EXPERIMENT_KIND_TAG, KEY_TAG, PARENT_TAG, PROVENANCE,
+                                PROVENANCE_HISTORY_TAG, ROLE_TAG, SEARCH_TAG, STOPPED_EARLY_TAG,
+                                SWEEP_TAG, TERMINAL, artifact_location, runs_filter, search_all)
 
 
 # Tags a trial run gets at every (re)start: params are write-once, and a retried trial can run
@@ -176,6 +176,7 @@ class SweepRecorder:
         if result.get(EVENT) == ATTEMPT:
             self._attempt_started(run_id, result.get(INFO, {}).get("node_id"))
         elif isinstance(result.get(INFO), dict):
+            self._provenance_changes(run_id, result[INFO])
             self._log_params(run_id, result[INFO])
         if result.get(DAMAGED_CHECKPOINTS):
             self._damaged_checkpoints(run_id, str(result[DAMAGED_CHECKPOINTS]))
@@ -270,6 +271,27 @@ class SweepRecorder:
 
     def _search(self, filter_string: str) -> list:
         return search_all(self.client, self.experiment_id, filter_string)
+
+    def _provenance_changes(self, run_id: str, facts: dict[str, Any]) -> None:
+        """An attempt that runs other code, torch, device or data than the run's earlier ones
+        (a sweep resumed after a `git pull`, on a GPU, on another copy of the data): params
+        are write-once and keep the first attempt's, so every value goes in order into a tag
+        the report reads. An earlier attempt that logged its facts without these is ""."""
+        if not any(key in facts for key in PROVENANCE):
+            return
+        run = self.client.get_run(run_id)
+        recorded = run.data.params
+        if "config_key" not in recorded:  # a fact only a built trial logs (Trial.summary)
+            return  # the first attempt to log its facts: its params say it all
+        history = json.loads(run.data.tags.get(PROVENANCE_HISTORY_TAG) or "{}")
+        changed = False
+        for key in PROVENANCE:
+            if key in facts:
+                values = history.get(key) or [recorded.get(key, "")]
+                if values[-1] != str(facts[key]):
+                    history[key], changed = values + [str(facts[key])], True
+        if changed:
+            self.client.set_tag(run_id, PROVENANCE_HISTORY_TAG, json.dumps(history)[:5000])
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

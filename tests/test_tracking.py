@@ -1,13 +1,14 @@
 """The driver's MLflow recorder on a real sqlite store, without Ray: what a resumed sweep does to
 runs that already ended, and where a failed trial's error text comes from."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 from mlflow import MlflowClient
 
 from orchestrator.sweep import load_sweep
-from orchestrator.protocol import EVAL, FINAL, STEP, report
+from orchestrator.protocol import EVAL, FINAL, SETUP, STEP, report
 from orchestrator.tracking import SweepRecorder, _error_text
 from podd_engine.data import create_dataset
 
@@ -389,3 +390,38 @@ def test_a_sweep_whose_driver_is_gone_shows_interrupted_and_how_to_resume(tmp_pa
     # storage this machine cannot see (another machine's folder): it cannot tell, says RUNNING
     storage.rename(tmp_path / "elsewhere")
     assert "sweep rec (running)" in states()
+
+
+def test_a_trial_resumed_on_other_code_or_data_says_so(tmp_path):
+    """Params are write-once and keep the first attempt's provenance; an attempt that runs
+    other code, torch, device or data adds its value to a tag, and the report's table shows
+    the run as 'A then B'. An attempt older than the record shows as (unrecorded)."""
+    from orchestrator.runs import provenance_of
+    from orchestrator.store import run_records
+
+    spec, (trial, older) = one_trial(tmp_path)
+    recorder = open_recorder(tmp_path, spec, [trial, older])
+    facts = {"config_key": trial.key, "poster_pixels": 640, "engine_revision": "0.1.0+code.a",
+             "torch_version": "2.14.1", "device_used": "cpu", "data_hash": "45b10bbc7f186349"}
+    for revision in ("0.1.0+code.a", "0.1.0+code.a", "0.1.0+code.b", "0.1.0+code.b"):
+        recorder.trial_started(trial)  # a retry, or a resumed sweep
+        recorder.trial_result(trial.key, report(SETUP, 0, podd_info={
+            **facts, "engine_revision": revision}))
+    # a run whose first attempt ran before provenance was recorded
+    recorder.trial_started(older)
+    recorder.trial_result(older.key, report(SETUP, 0, podd_info={"config_key": older.key}))
+    recorder.trial_started(older)
+    recorder.trial_result(older.key, report(SETUP, 3, podd_info={**facts,
+                                                                 "config_key": older.key}))
+
+    client = MlflowClient(recorder.tracking_uri)
+    run = client.get_run(recorder.runs[trial.key])
+    assert run.data.params["engine_revision"] == "0.1.0+code.a"  # the first attempt's
+    assert json.loads(run.data.tags["podd.provenance_history"]) == {
+        "engine_revision": ["0.1.0+code.a", "0.1.0+code.b"]}
+    records = {r.run_id: r for r in run_records(recorder.tracking_uri, "podd-sweep")}
+    assert provenance_of(records[recorder.runs[trial.key]]) == {
+        **{k: facts[k] for k in ("torch_version", "device_used", "data_hash")},
+        "engine_revision": "0.1.0+code.a then 0.1.0+code.b"}
+    assert provenance_of(records[recorder.runs[older.key]])["engine_revision"] == \
+        "(unrecorded) then 0.1.0+code.a"
