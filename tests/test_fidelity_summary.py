@@ -129,3 +129,23 @@ def test_a_claim_that_is_not_one_is_one_line():
     code, lines = run_script("launch", "c9")
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: argument claim: invalid choice: 'c9'")
+
+
+def test_the_runs_record_keeps_where_each_run_came_from(store, study, tmp_path):
+    """runs.jsonl outlives the store: each run keeps its provenance (a run resumed on other
+    code as 'A then B'; a run older than the record without it), merged by run id."""
+    here = {"engine_revision": "0.1.0+code.a", "torch_version": "2.14.1",
+            "device_used": "cpu", "data_hash": "45b10bbc7f186349", "engine_commit": "c0ffee"}
+    plain = store(method="podd", ipc=1.0, seed=0, accuracy=0.3, extra_params=here)
+    resumed = store(method="podd", ipc=1.0, seed=1, accuracy=0.3, extra_params=here)
+    store.client.set_tag(resumed, "podd.provenance_history",
+                         json.dumps({"engine_revision": ["0.1.0+code.a", "0.1.0+code.b"]}))
+    older = store(method="podd", ipc=1.0, seed=2, accuracy=0.3)
+    path = tmp_path / "runs.jsonl"
+    study.export_runs(store.uri, path)
+    study.export_runs(store.uri, path)  # merged by run id: no line twice
+    lines = {r["run_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert len(lines) == 3
+    assert {k: lines[plain][k] for k in here} == here
+    assert lines[resumed]["engine_revision"] == "0.1.0+code.a then 0.1.0+code.b"
+    assert not {"engine_revision", "data_hash"} & lines[older].keys()

@@ -421,13 +421,14 @@ def main() -> int:
 
 KEPT_PARAMS = ("method", "ipc", "patch_grid", "order", "labels", "seed", "steps",
                "total_inner_steps", "window", "width", "real_batch", "eval_models", "curriculum",
-               "embedder_used", "order_score", "achieved_ipc", "trial_key")
+               "embedder_used", "order_score", "achieved_ipc", "trial_key", "engine_commit")
 
 
 def export_runs(tracking_uri: str, path: Path) -> None:
     """Every finished run of the study's store, one JSON line each (its settings and test
     accuracies), merged into the file by run id: the record that outlives the store, which is
     not committed."""
+    from orchestrator.runs import provenance_of
     from orchestrator.store import run_records
 
     known = {}
@@ -440,6 +441,9 @@ def export_runs(tracking_uri: str, path: Path) -> None:
         known[r.run_id] = json.dumps({
             "run_id": r.run_id, "sweep": r.tags.get("podd.sweep"),
             **{k: r.params[k] for k in KEPT_PARAMS if k in r.params},
+            # where it came from (none for runs older than the record; 'A then B' for a run
+            # resumed on other code or data)
+            **{k: v for k, v in provenance_of(r).items() if v},
             **{k: v for k, v in sorted(r.metrics.items()) if k.startswith("test_accuracy")}})
     path.write_text("".join(line + "\n" for line in known.values()))
     print(f"wrote {path} ({len(known)} runs)", file=sys.stderr)
