@@ -181,7 +181,8 @@ def _failed_seed(run: RunRecord, reason: str) -> LeftOut:
     try:
         row = {"dataset": _run_dataset(run)[0], "method": run.params["method"],
                "ipc": float(run.params["ipc"]), "settings": as_json(run_settings(run.params))}
-        configuration, seed = tuple(row[c] for c in FAILED_SEED_KEY), int(run.params.get("seed", 0))
+        configuration = tuple(row[c] for c in FAILED_SEED_KEY)
+        seed = int(run.params.get("seed", 0))
     except (KeyError, ValueError):
         configuration, seed = None, None
     return LeftOut(run.run_id, *_run_dataset(run), reason, configuration,

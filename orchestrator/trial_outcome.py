@@ -1,8 +1,8 @@
 """What became of a trial of a search: finished with its test accuracy, stopped early by the
 search's scheduler, failed (and whether the failure is the method's, which fails its
 configuration, or the machinery's, which fails nothing), or not ended at all. One rule, asked
-by the searcher as trials end (orchestrator/search_tune.py) and by the launch's summary from
-Tune's results (orchestrator/tune.py), so the two cannot disagree; the planner
+by the searcher as trials end and by the launch's summary from Tune's results at its end (both
+in orchestrator/search_tune.py), so the two cannot disagree; the planner
 (orchestrator/search.py) judges configurations on the outcomes."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ and appends its result to docs/results/reliability.jsonl (docs/reliability.md ex
     python scripts/reliability.py crash           # an error, an OOM, NaN/inf posters, a NaN loss
     python scripts/reliability.py cluster         # ray start head + worker; kill the worker
     python scripts/reliability.py mlflow-server   # a tracking server + a headless browser
-    python scripts/reliability.py server-outage   # the tracking server away for half a minute, then for good
+    python scripts/reliability.py server-outage   # the tracking server away 30 s, then for good
     python scripts/reliability.py load --trials 200
 
 Every drill prints what it checked; the exit code is 0 only when every check passed.
