@@ -65,7 +65,10 @@ def main() -> None:
                    "steps": config.steps, "real_batch": config.real_batch,
                    "seconds": round(time.perf_counter() - start, 1), "config_key": config.key(),
                    **{k: v for k, v in summary.items() if k.startswith(("test_accuracy",
-                                                                        "eval_models"))}}
+                                                                        "eval_models"))},
+                   # which code, torch build, GPU (TF32 or not) and data gave the figure
+                   **{k: summary[k] for k in ("engine_revision", "engine_commit",
+                                              "torch_version", "device_used", "data_hash")}}
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
