@@ -151,6 +151,24 @@ def _end_tune_loop() -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """A launch can be stopped (Ctrl-C, `podd-sweep stop`) from its first moment. A process
+    started with SIGINT ignored, as bash starts a background job (`podd-sweep launch ... &`),
+    gets no KeyboardInterrupt handler from Python, so a stop before Tune's loop (whose
+    handler `ctrl_c_handled_by` installs) was lost and the sweep ran on (seen 2026-12-06)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or callable(signal.getsignal(signal.SIGINT))):
+        yield  # a handler is there already (Python's own, or the caller's)
+        return
+    saved = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+@contextlib.contextmanager
 def ctrl_c_handled_by(stop: GracefulStop) -> Iterator[None]:
     """While Tune runs, SIGINT goes to `stop` instead of Tune (whose own handler is turned off
     by its documented TUNE_DISABLE_SIGINT_HANDLER); the previous handlers come back after."""

@@ -182,12 +182,12 @@ class EarlyStopAgainstBaseline(FIFOScheduler):
         return TrialScheduler.STOP
 
 
-def search_summary(sweep, results) -> dict:
-    """The search's plans from what Tune's results (`tuner.fit()`'s) say became of each trial
-    it ran: what the launch prints at its end."""
+def search_summary(sweep, keyed: list) -> dict:
+    """The search's plans from what Tune's results (`tuner.fit()`'s, with their trial keys:
+    `TrialNames.keyed`) say became of each trial it ran: what the launch prints at its end."""
     outcomes, running = {}, set()
-    for result in results:
-        key, metrics = result.config["trial"], result.metrics or {}
+    for key, result in keyed:
+        metrics = result.metrics or {}
         event, accuracy = metrics.get(EVENT), metrics_of(metrics).get("test_accuracy")
         # fit() has returned: a trial whose last word was an evaluation was stopped there by
         # the search's scheduler (one ended by a stop or Ctrl-C said STOPPED)

@@ -23,13 +23,14 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ray import tune
 
 from orchestrator.driver_lock import DriverLock
 from orchestrator.faults import FAULTS_ENV, FaultPlan
-from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handled_by, say,
-                                    stop_grace_s)
+from orchestrator.interrupt import (STOP_FILE_PREFIX, GracefulStop, ctrl_c_handled_by,
+                                    ctrl_c_interrupts, say, stop_grace_s)
 from orchestrator.protocol import DIVERGED, ERROR, EVAL, EVENT, FINAL, error_line, metrics_of
 from orchestrator.spec_file import SpecError
 from orchestrator.sweep import PlannedTrial, Sweep
@@ -66,6 +67,14 @@ class TrialNames(dict):
 
     def __call__(self, trial) -> str:
         return self[trial.config["trial"]]
+
+    def keyed(self, results) -> list[tuple[str, Any]]:
+        """Tune's results with their trial keys. A trial stopped before its first report (a
+        Ctrl-C as the trials start) has no config in its result, which Tune reads back from
+        what the trial wrote; its folder is named after it."""
+        by_name = {name: key for key, name in self.items()}
+        return [(result.config["trial"] if result.config else
+                 by_name[Path(result.path).name], result) for result in results]
 
 
 @dataclass
@@ -238,8 +247,9 @@ def launch(sweep: Sweep, *, address: str | None = None, tracking_uri: str | None
     lock = DriverLock(sweep.storage_path(), sweep.name)  # one driver per sweep
     lock.acquire()
     try:
-        return _run(sweep, address, uri, experiment_dir, can_restore, ray_results_exist,
-                    verbose)
+        with ctrl_c_interrupts():
+            return _run(sweep, address, uri, experiment_dir, can_restore, ray_results_exist,
+                        verbose)
     finally:
         lock.release()
 
@@ -280,10 +290,11 @@ def _run(sweep: Sweep, address: str | None, uri: str, experiment_dir: Path, can_
                             [TrackingCallback(writer), stop], verbose, writer)
         with ctrl_c_handled_by(stop):
             results = tuner.fit()
-        _collect(outcome, results, names, searching=sweep.spec.search != "grid")
+        keyed = names.keyed(results)
+        _collect(outcome, keyed, names, searching=sweep.spec.search != "grid")
         if sweep.spec.search != "grid":
             from orchestrator.search_tune import search_summary
-            outcome.search = search_summary(sweep, results)
+            outcome.search = search_summary(sweep, keyed)
         status = "FAILED" if outcome.failed else ("KILLED" if outcome.unfinished else "FINISHED")
     except BaseException:
         _wind_up(stop, recorder, writer, "KILLED", owns_ray, unwinding=True)
@@ -402,10 +413,9 @@ def _check_resources_fit(sweep: Sweep, nodes: list[dict]) -> None:
                             f"{most:g}: {fix}")
 
 
-def _collect(outcome: SweepOutcome, results, names: TrialNames, searching: bool = False
-             ) -> None:
-    for result in results:
-        key = result.config["trial"]
+def _collect(outcome: SweepOutcome, keyed: list[tuple[str, Any]], names: TrialNames,
+             searching: bool = False) -> None:
+    for key, result in keyed:
         name = names[key]
         outcome.tune_trials[key] = outcome.tune_trials.get(key, 0) + 1
         metrics = result.metrics or {}

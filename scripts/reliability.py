@@ -180,6 +180,7 @@ def drill_interrupt(kind: str) -> bool:
     spec = write_spec(folder, kind, seeds=seeds, steps=steps, checkpoint_every=10)
     if kind == "ctrl-c":
         interrupt_start_up(checks, spec)
+        interrupt_as_tune_starts(checks, spec, uri)
     process = start_launch(spec)
 
     def midway():
@@ -253,11 +254,11 @@ def check_stopped_runs(checks: Checks, uri: str, sweep: str) -> None:
     checks.check("the sweep's parent run marked KILLED", statuses == ["KILLED"], f"{statuses}")
 
 
-def _one_line_exit(log: str) -> tuple[bool, str]:
+def _one_line_exit(log: str, says: str = "interrupted: stopped at once") -> tuple[bool, str]:
     """A launch stopped at once ends with one line saying so, and prints no traceback."""
     lines = [line for line in log.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    return last.startswith("interrupted: stopped at once") and "Traceback" not in log, last
+    return last.startswith(says) and "Traceback" not in log, last
 
 
 def interrupt_start_up(checks: Checks, spec: Path) -> None:
@@ -274,6 +275,29 @@ def interrupt_start_up(checks: Checks, spec: Path) -> None:
     ok, last = _one_line_exit(log.read_text()[offset:])
     checks.check("Ctrl-C during start-up: exit 130, one line, no traceback", code == 130 and ok,
                  f"exit code {code}: {last!r}")
+
+
+def interrupt_as_tune_starts(checks: Checks, spec: Path, uri: str) -> None:
+    """Ctrl-C once Tune's loop has begun (this launch has written to its experiment folder)
+    and before any trial has reported a step: trials that never reported come back from Tune
+    without their config (seen 2026-12-06: the launch ended in a TypeError traceback)."""
+    log = spec.with_suffix(".log")
+    offset = log.stat().st_size if log.exists() else 0
+    started = time.time()
+    process = start_launch(spec)
+    experiment = spec.parent / "ray" / spec.stem
+
+    def tune_began() -> bool:
+        return any(f.stat().st_mtime > started for f in experiment.glob("*") if f.exists())
+
+    wait_until(tune_began, 120, "Tune's loop to begin", poll=0.05, launch=process, spec=spec)
+    reported = sum(bool(loss_steps(uri, r)) for r in trial_runs(uri, spec.stem))
+    os.killpg(process.pid, signal.SIGINT)
+    code = process.wait(timeout=300)
+    ok, last = _one_line_exit(log.read_text()[offset:], says="interrupted:")
+    checks.facts["trials_reporting_at_the_tune_start_ctrl_c"] = reported
+    checks.check("Ctrl-C as Tune's loop begins: exit 130, one line, no traceback",
+                 code == 130 and ok, f"exit code {code}: {last!r}")
 
 
 def interrupt_twice(checks: Checks, spec: Path, uri: str, steps_at_stop: dict) -> None:

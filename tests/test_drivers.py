@@ -123,3 +123,22 @@ def test_stop_asks_a_running_sweep_to_stop_gracefully_from_another_shell(tmp_pat
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
     assert again.stderr.strip().startswith("error: sweep two is not running")
+
+
+def test_a_background_launch_can_be_stopped_while_it_starts(tmp_path):
+    """bash starts a background job (`podd-sweep launch ... &`) with SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler: `stop` (which sends SIGINT) before
+    Tune's loop began was lost, and the sweep ran to its end."""
+    path = spec(tmp_path, steps=400)
+    first = subprocess.Popen([CLI, "launch", str(path), "--quiet"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(lambda: (tmp_path / "ray" / ".two.launch.lock").exists(), 120, "the driver lock")
+    stop = subprocess.run([CLI, "stop", str(path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, (out, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted:") and "Traceback" not in err, err[-2000:]

@@ -244,8 +244,8 @@ def test_the_searcher_and_the_launchs_summary_decide_alike():
         if key == stopped:
             searcher.stop_reasons[key] = "stopped early at outer step 50"
         searcher.on_trial_complete(str(i), last, error=error is not None)
-    results = [Result(metrics={**last, "config": {"trial": key}}, checkpoint=None, error=error,
-                      path="") for key, (last, error, _) in last_words.items()]
+    results = [(key, Result(metrics={**last, "config": {"trial": key}}, checkpoint=None,
+                            error=error, path="")) for key, (last, error, _) in last_words.items()]
     (summary,) = search_summary(sweep, results)["searches"]
     (live,) = searcher.summary()["searches"]
 
