@@ -254,6 +254,12 @@ def check_stopped_runs(checks: Checks, uri: str, sweep: str) -> None:
     checks.check("the sweep's parent run marked KILLED", statuses == ["KILLED"], f"{statuses}")
 
 
+def _log_since(log: Path, offset: int) -> str:
+    """What a launch wrote to its log after `offset` bytes (st_size before it started: bytes,
+    not characters; the tables before it hold multi-byte box-drawing characters)."""
+    return log.read_bytes()[offset:].decode(errors="replace")
+
+
 def _one_line_exit(log: str, says: str = "interrupted: stopped at once") -> tuple[bool, str]:
     """A launch stopped at once ends with one line saying so, and prints no traceback."""
     lines = [line for line in log.splitlines() if line.strip()]
@@ -272,7 +278,7 @@ def interrupt_start_up(checks: Checks, spec: Path) -> None:
                120, "the launch's Ray to start", poll=0.05, launch=process, spec=spec)
     os.killpg(process.pid, signal.SIGINT)
     code = process.wait(timeout=120)
-    ok, last = _one_line_exit(log.read_text()[offset:])
+    ok, last = _one_line_exit(_log_since(log, offset))
     checks.check("Ctrl-C during start-up: exit 130, one line, no traceback", code == 130 and ok,
                  f"exit code {code}: {last!r}")
 
@@ -294,7 +300,7 @@ def interrupt_as_tune_starts(checks: Checks, spec: Path, uri: str) -> None:
     reported = sum(bool(loss_steps(uri, r)) for r in trial_runs(uri, spec.stem))
     os.killpg(process.pid, signal.SIGINT)
     code = process.wait(timeout=300)
-    ok, last = _one_line_exit(log.read_text()[offset:], says="interrupted:")
+    ok, last = _one_line_exit(_log_since(log, offset), says="interrupted:")
     checks.facts["trials_reporting_at_the_tune_start_ctrl_c"] = reported
     checks.check("Ctrl-C as Tune's loop begins: exit 130, one line, no traceback",
                  code == 130 and ok, f"exit code {code}: {last!r}")
@@ -318,13 +324,13 @@ def interrupt_twice(checks: Checks, spec: Path, uri: str, steps_at_stop: dict) -
     os.killpg(process.pid, signal.SIGINT)
     code = process.wait(timeout=120)
     checks.facts["second_ctrl_c_exit_s"] = round(time.time() - interrupted, 1)
-    ok, last = _one_line_exit(log.read_text()[offset:])
+    ok, last = _one_line_exit(_log_since(log, offset))
     checks.check("two Ctrl-Cs: exit 130 at once, one line, no traceback", code == 130 and ok,
                  f"exit code {code} {checks.facts['second_ctrl_c_exit_s']} s after the second: "
                  f"{last!r}")
     left_running = [r.info.run_name for r in trial_runs(uri, spec.stem)
                     if r.info.status == "RUNNING"]
-    tail = " | ".join(log.read_text()[offset:].strip().splitlines()[-4:])
+    tail = " | ".join(_log_since(log, offset).strip().splitlines()[-4:])
     checks.check("no run left RUNNING after two Ctrl-Cs", not left_running,
                  f"{left_running}" + (f"; the launch's last lines: {tail}" if left_running else ""))
     time.sleep(3)
