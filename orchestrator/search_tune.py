@@ -20,7 +20,7 @@ import statistics
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-from orchestrator.protocol import ERROR, EVAL, EVENT, METRICS, STEP, metrics_of
+from orchestrator.protocol import ERROR, EVAL, EVENT, METRICS, STEP
 from orchestrator.search import Plan, SearchProblem, make_plan
 from orchestrator.search_record import compact
 from orchestrator.trial_outcome import Outcome, outcome_of
@@ -188,10 +188,10 @@ def search_summary(sweep, keyed: list) -> dict:
     outcomes, running = {}, set()
     for key, result in keyed:
         metrics = result.metrics or {}
-        event, accuracy = metrics.get(EVENT), metrics_of(metrics).get("test_accuracy")
+        event = metrics.get(EVENT)
         # fit() has returned: a trial whose last word was an evaluation was stopped there by
         # the search's scheduler (one ended by a stop or Ctrl-C said STOPPED)
-        outcome = outcome_of(event, None if accuracy is None else float(accuracy),
+        outcome = outcome_of(event, _metric(metrics, "test_accuracy"),
                              crashed=result.error is not None,
                              error=str(metrics.get(ERROR, "")),
                              stopped_early="" if event == EVAL else None)
